@@ -58,7 +58,6 @@ class ModelConfig:
         default="all-linear",
         metadata={"help": "Comma-separated module names, or 'all-linear' (every linear layer except the output head)."},
     )
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward to save memory."})
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run model code from the Hub repo. Off unless you enable it explicitly."}
     )
@@ -201,18 +200,20 @@ def load_base_model(config: ModelConfig):
     return model, tokenizer
 
 
-def attach_lora(model, config: ModelConfig):
-    """Wrap a base model with fresh LoRA adapters (QLoRA when the base is 4-bit)."""
+def attach_lora(model, config: ModelConfig, gradient_checkpointing: bool = False):
+    """Wrap a base model with fresh LoRA adapters (QLoRA when the base is 4-bit).
+
+    `gradient_checkpointing` is the trainer's setting (TrainingArguments owns that field)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     quantized = getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False)
     if quantized:
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=config.gradient_checkpointing,
+            use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    elif config.gradient_checkpointing:
+    elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     targets = config.lora_target_modules
@@ -226,20 +227,22 @@ def attach_lora(model, config: ModelConfig):
     return get_peft_model(model, lora_config)
 
 
-def load_model(config: ModelConfig, adapter_path: str | None = None, trainable: bool = True):
+def load_model(
+    config: ModelConfig, adapter_path: str | None = None, trainable: bool = True, gradient_checkpointing: bool = False
+):
     """Load base model + tokenizer, then attach LoRA (fresh, or from `adapter_path`).
 
     Returns (model, tokenizer). With `lora_r=0` and no adapter the plain base model is returned.
     """
+    if adapter_path is not None and not (Path(adapter_path) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"no PEFT adapter in {adapter_path} (adapter_config.json missing)")
     model, tokenizer = load_base_model(config)
     if adapter_path is not None:
         from peft import PeftModel
 
-        if not (Path(adapter_path) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"no PEFT adapter in {adapter_path} (adapter_config.json missing)")
         model = PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
     elif config.lora_r > 0:
-        model = attach_lora(model, config)
+        model = attach_lora(model, config, gradient_checkpointing)
     return model, tokenizer
 
 

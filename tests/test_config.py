@@ -1,0 +1,69 @@
+"""YAML + command-line config parsing, errors listing valid keys, and the saved resolved config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from dftlite.config import ConfigError, parse_args, save_resolved_config
+from dftlite.data import DataConfig
+from dftlite.models import ModelConfig
+
+TYPES = [ModelConfig, DataConfig]
+
+
+def _yaml(tmp_path, mapping):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(mapping))
+    return str(path)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = _yaml(tmp_path, {"lora_r": 8, "precision": "fp32", "data_path": "x.jsonl", "max_length": 300})
+    model, data = parse_args(TYPES, ["--config", path, "--lora_r", "4"])
+    assert (model.lora_r, model.precision, data.data_path, data.max_length) == (4, "fp32", "x.jsonl", 300)
+    assert model.lora_alpha == 32  # untouched default
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['lora_rank'\]. Valid keys: .*lora_r"):
+        parse_args(TYPES, ["--config", _yaml(tmp_path, {"lora_rank": 8})])
+
+
+@pytest.mark.parametrize("key, value", [("lora_r", "eight"), ("lora_dropout", "x"), ("precision", "3bit"),
+                                        ("gradient_checkpointing", "yes"), ("max_examples", 1.5)])
+def test_wrong_types_are_errors(tmp_path, key, value):
+    with pytest.raises(ConfigError, match=key):
+        parse_args(TYPES, ["--config", _yaml(tmp_path, {key: value})])
+
+
+def test_post_init_validation_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="max_length"):
+        parse_args(TYPES, ["--config", _yaml(tmp_path, {"max_length": 1})])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    model, data = parse_args(TYPES, ["--lora_r", "4", "--data_path", "d.jsonl"])
+    path = save_resolved_config(tmp_path / "out", model, data)
+    saved = yaml.safe_load(path.read_text())
+    assert saved["lora_r"] == 4 and saved["data_path"] == "d.jsonl"
+    again = parse_args(TYPES, ["--config", str(path)])
+    assert again == (model, data)
+
+
+def test_cli_help_lists_the_five_commands():
+    out = subprocess.run([sys.executable, "-m", "dftlite.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in ["sample", "train", "eval", "export", "demo"]:
+        assert f"    {command}" in out.stdout
+    version = subprocess.run([sys.executable, "-m", "dftlite.cli", "--version"], capture_output=True, text=True)
+    assert version.stdout.strip().startswith("dftlite 0.")
+
+
+def test_cli_reports_config_errors_cleanly(tmp_path):
+    path = _yaml(tmp_path, {"no_such_field": 1})
+    out = subprocess.run([sys.executable, "-m", "dftlite.cli", "sample", "--config", path], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "unknown key(s) ['no_such_field']" in out.stderr and "Traceback" not in out.stderr
