@@ -27,13 +27,25 @@ COMMANDS = {
 }
 
 
+def _recipe_types():
+    """Every command's config types: one recipe YAML may hold keys for sample, train and eval."""
+    from dftlite.data import DataConfig
+    from dftlite.evaluate import EvalConfig
+    from dftlite.export import ExportConfig
+    from dftlite.models import ModelConfig
+    from dftlite.sampling import SampleConfig
+    from dftlite.trainer import DFTConfig
+
+    return (ModelConfig, DataConfig, SampleConfig, DFTConfig, EvalConfig, ExportConfig)
+
+
 def _sample(argv):
     from dftlite.config import parse_args
     from dftlite.data import DataConfig
     from dftlite.models import ModelConfig
     from dftlite.sampling import SampleConfig, sample_pool
 
-    model_config, data_config, sample_config = parse_args([ModelConfig, DataConfig, SampleConfig], argv, "dftlite sample")
+    model_config, data_config, sample_config = parse_args([ModelConfig, DataConfig, SampleConfig], argv, "dftlite sample", _recipe_types())
     sample_pool(model_config, data_config, sample_config)
 
 
@@ -43,7 +55,7 @@ def _train(argv):
     from dftlite.models import ModelConfig
     from dftlite.trainer import DFTConfig, train
 
-    model_config, data_config, dft_config = parse_args([ModelConfig, DataConfig, DFTConfig], argv, "dftlite train")
+    model_config, data_config, dft_config = parse_args([ModelConfig, DataConfig, DFTConfig], argv, "dftlite train", _recipe_types())
     train(model_config, data_config, dft_config)
 
 
@@ -53,7 +65,7 @@ def _eval(argv):
     from dftlite.evaluate import EvalConfig, evaluate
     from dftlite.models import ModelConfig
 
-    model_config, data_config, eval_config = parse_args([ModelConfig, DataConfig, EvalConfig], argv, "dftlite eval")
+    model_config, data_config, eval_config = parse_args([ModelConfig, DataConfig, EvalConfig], argv, "dftlite eval", _recipe_types())
     evaluate(model_config, data_config, eval_config)
 
 
@@ -62,7 +74,7 @@ def _export(argv):
     from dftlite.export import ExportConfig, export
     from dftlite.models import ModelConfig
 
-    model_config, export_config = parse_args([ModelConfig, ExportConfig], argv, "dftlite export")
+    model_config, export_config = parse_args([ModelConfig, ExportConfig], argv, "dftlite export", _recipe_types())
     export(model_config, export_config)
 
 
@@ -70,7 +82,7 @@ def _demo(argv):
     from dftlite.config import parse_args
     from dftlite.demo import DemoConfig, run_demo
 
-    (demo_config,) = parse_args([DemoConfig], argv, "dftlite demo")
+    (demo_config,) = parse_args([DemoConfig], argv, "dftlite demo", _recipe_types())
     run_demo(demo_config)
 
 

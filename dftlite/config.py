@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -62,40 +63,52 @@ def _fields(dataclass_types) -> dict[str, tuple[type, dataclasses.Field]]:
     return found
 
 
-def check_yaml(path: str | Path, dataclass_types) -> dict:
-    """Load a YAML config and check its keys and value types against the dataclasses."""
+def check_yaml(path: str | Path, dataclass_types, shared_types=()) -> dict:
+    """Load a YAML config, check its keys and value types, return the keys for `dataclass_types`.
+
+    Keys of `shared_types` (the other dftlite commands' configs) are allowed and dropped, so one
+    recipe file can drive `sample`, `train` and `eval`; any other key is an error.
+    """
     with open(path) as handle:
         config = yaml.safe_load(handle) or {}
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: a config file must hold a YAML mapping, got {type(config).__name__}")
     fields = _fields(dataclass_types)
-    unknown = sorted(k for k in config if k not in fields and k != "env")
+    shared = {k: v for k, v in _fields(shared_types).items() if k not in fields}
+    unknown = sorted(k for k in config if k not in fields and k not in shared and k != "env")
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}. Valid keys: {', '.join(sorted(fields))}")
     for key, value in config.items():
         if key == "env":
             continue
-        owner, annotation = fields[key]
+        owner, annotation = fields.get(key) or shared[key]
         if not _type_ok(value, annotation):
             raise ConfigError(
                 f"{path}: key {key!r} of {owner.__name__} expects {annotation}, got {value!r} ({type(value).__name__})"
             )
-    return config
+    return {k: v for k, v in config.items() if k in fields or k == "env"}
 
 
-def parse_args(dataclass_types, argv: list[str] | None, prog: str | None = None) -> tuple:
-    """Parse `--config file.yaml` and command-line overrides into instances of `dataclass_types`."""
+def parse_args(dataclass_types, argv: list[str] | None, prog: str | None = None, shared_types=()) -> tuple:
+    """Parse `--config file.yaml` and command-line overrides into instances of `dataclass_types`.
+
+    This is what TRL's `TrlParser.parse_args_and_config` does, with the key and type checks above.
+    """
     from trl import TrlParser
 
     argv = list(argv or [])
+    parser = TrlParser(dataclass_types, prog=prog)
     if "--config" in argv:
         index = argv.index("--config")
         if index + 1 >= len(argv):
             raise ConfigError("--config needs a file path")
-        check_yaml(argv[index + 1], dataclass_types)
-    parser = TrlParser(dataclass_types, prog=prog)
+        config = check_yaml(argv[index + 1], dataclass_types, shared_types)
+        del argv[index : index + 2]
+        for key, value in (config.pop("env", None) or {}).items():
+            os.environ[key] = str(value)
+        parser.set_defaults_with_config(**config)
     try:
-        return tuple(parser.parse_args_and_config(argv))
+        return tuple(parser.parse_args_into_dataclasses(args=argv))
     except ValueError as err:
         # Dataclass __post_init__ validation: keep the message, mark it as a config error.
         raise ConfigError(str(err)) from err

@@ -67,3 +67,19 @@ def test_cli_reports_config_errors_cleanly(tmp_path):
     out = subprocess.run([sys.executable, "-m", "dftlite.cli", "sample", "--config", path], capture_output=True, text=True)
     assert out.returncode == 1
     assert "unknown key(s) ['no_such_field']" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_recipe_keys_of_other_commands_are_allowed_and_dropped(tmp_path):
+    from dataclasses import dataclass
+
+    @dataclass
+    class OtherCommand:
+        temperature: float = 0.7
+
+    path = _yaml(tmp_path, {"lora_r": 2, "temperature": 0.9})
+    model, data = parse_args(TYPES, ["--config", path], shared_types=[OtherCommand])
+    assert model.lora_r == 2
+    with pytest.raises(ConfigError, match="temperature"):
+        parse_args(TYPES, ["--config", _yaml(tmp_path, {"temperature": "hot"})], shared_types=[OtherCommand])
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_args(TYPES, ["--config", path])
