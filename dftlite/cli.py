@@ -112,11 +112,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         HANDLERS[args.command](argv[1:])
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as err:
         from rich.console import Console
         from rich.text import Text
 
-        Console(stderr=True).print(Text.assemble((f"dftlite {args.command}: error: ", "bold red"), str(err)))
+        Console(stderr=True, soft_wrap=True).print(Text.assemble((f"dftlite {args.command}: error: ", "bold red"), str(err)))
         return 1
     return 0
 

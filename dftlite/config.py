@@ -123,8 +123,8 @@ def to_dict(*configs) -> dict:
         else:
             values = dataclasses.asdict(config)
         for key, value in values.items():
-            if "token" in key and key != "pad_token":
-                continue  # never persist Hub tokens
+            if (key == "token" or key.endswith("_token")) and key != "pad_token":
+                continue  # never persist Hub tokens (hub_token, ...); max_new_tokens, token_budget stay
             merged[key] = value
     # Round-trip through JSON turns enums and paths into plain strings.
     return json.loads(json.dumps(merged, default=str))
