@@ -1,0 +1,144 @@
+"""DFTConfig: the settings of `dftlite train`, a `transformers.TrainingArguments` with DFT's fields.
+
+DFT is *Discriminative* Fine-Tuning (Guo et al., ICML 2025, arXiv 2502.18679), not TRL's
+`loss_type="dft"` (*Dynamic* Fine-Tuning). Each field is documented once, in its `help`;
+`dftlite train --help` lists them. YAML keys are the field names:
+
+    dftlite train --config configs/smollm2-135m_gsm8k_dft2_cpu.yaml --learning_rate 2e-4
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import TrainingArguments
+
+METHODS = ("dft2", "dft", "sft", "simpo", "simpo_sft", "dpo")
+
+
+@dataclass
+class DFTConfig(TrainingArguments):
+    method: Literal["dft2", "dft", "sft", "simpo", "simpo_sft", "dpo"] = field(
+        default="dft2",
+        metadata={"help": "dft2 (s = mean token log-prob; the paper's DFT2), dft (s = summed log-prob, importance "
+                  "weight 1/P_g0), or a baseline on the same data and pool: sft, simpo, simpo_sft, dpo (= SPIN)."},
+    )
+    tau: float | None = field(
+        default=None,
+        metadata={"help": "Temperature τ > 0 of the negatives' term. None = the paper's: DFT 1.0, DFT2 0.3."},
+    )
+    gamma: float | None = field(
+        default=None,
+        metadata={"help": "Moving-average rate γ in (0, 1] of u (eq. 10); 1 = plain mini-batch estimate. "
+                  "None = the paper's: DFT 0.85, DFT2 0.9."},
+    )
+    u_init: Literal["one", "first_batch"] = field(
+        default="one",
+        metadata={"help": "u_0: one = log u = 0 (Algorithm 1; the negatives' weights ĝ/u stay small until u has "
+                  "decayed towards ĝ); first_batch = each u_i starts at its first mini-batch estimate ĝ_i."},
+    )
+    reference: Literal["sampler_prompt", "train_prompt"] = field(
+        default="sampler_prompt",
+        metadata={"help": "DFT's P_g0 weight: sampler_prompt = log P_g0(y'|x̄), the pool's logp_sampler (as the paper "
+                  "writes); train_prompt = log P_g0(y'|x), the official code's convention (the pool needs "
+                  "score_train_prompt: true)."},
+    )
+    num_negatives_per_step: int = field(
+        default=2,
+        metadata={"help": "B, negatives per prompt per step (paper: 2). The pool needs B × epochs per prompt."},
+    )
+    pool_dir: str = field(default="", metadata={"help": "Negative pool of the training data, made by `dftlite sample`."})
+    eval_data_path: str | None = field(
+        default=None,
+        metadata={"help": "Held-out prompts + answers (format and template as data_path), scored with "
+                  "eval_pool_dir's negatives: losses and per-token log-likelihoods, never updating u."},
+    )
+    eval_pool_dir: str | None = field(
+        default=None, metadata={"help": "Negative pool of eval_data_path (its own `dftlite sample` run)."}
+    )
+    beta: float | None = field(
+        default=None,
+        metadata={"help": "β of simpo/simpo_sft (None = 10.0; the paper searches 6-12) and dpo (None = 0.1; "
+                  "searched 0.01-0.1), paper App. A.2."},
+    )
+    simpo_gamma_beta_ratio: float = field(default=0.5, metadata={"help": "SimPO margin γ/β (paper App. A.2: 0.5)."})
+    sft_weight: float = field(default=1.0, metadata={"help": "Weight of the SFT term in simpo_sft."})
+    token_budget: int = field(
+        default=0,
+        metadata={"help": "Micro-batch size in padded tokens (rows × longest row), whole prompt groups only; "
+                  "0 = the whole step in one micro-batch. Lower it when memory runs out (e.g. 8192)."},
+    )
+    allow_negative_reuse: bool = field(
+        default=False,
+        metadata={"help": "When a prompt has fewer than B × epochs negatives, cycle through them again instead of failing."},
+    )
+    # TrainingArguments fields, with defaults for LoRA training:
+    output_dir: str | None = field(
+        default="runs/dftlite", metadata={"help": "Where checkpoints, the adapter, logs and curves go."}
+    )
+    learning_rate: float = field(
+        default=1e-4,
+        metadata={"help": "Peak learning rate; 1e-4 suits LoRA (the paper's full fine-tuning used a far lower one)."},
+    )
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (transformers' names)."})
+    warmup_steps: float = field(
+        default=0.1, metadata={"help": "Linear warmup: steps if >= 1, else a fraction of all steps."}
+    )
+    per_device_train_batch_size: int = field(
+        default=4, metadata={"help": "S, prompts per step per device (each brings 1 + B sequences)."}
+    )
+    num_train_epochs: float = field(
+        default=2.0, metadata={"help": "Epochs; each needs B fresh negatives per prompt (pool: m = B × epochs)."}
+    )
+    logging_steps: float = field(default=1, metadata={"help": "Log every N optimizer steps."})
+    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N optimizer steps."})
+    report_to: None | str | list[str] = field(
+        default="none", metadata={"help": "Logging integrations (none, tensorboard, wandb, ...)."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay false: batches hold example indices, not model inputs."}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Activation checkpointing (in transformers 5 an alias of activation_checkpointing). "
+                  "Unset = on: LoRA training is activation-bound.", "nargs": "?", "const": True},
+    )
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.tau is None:
+            self.tau = {"dft": 1.0, "dft2": 0.3}.get(self.method, 1.0)
+        if self.gamma is None:
+            self.gamma = {"dft": 0.85, "dft2": 0.9}.get(self.method, 0.9)
+        if self.beta is None:
+            self.beta = 0.1 if self.method == "dpo" else 10.0
+        if not (self.tau > 0 and math.isfinite(self.tau)):
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"gamma must lie in (0, 1], got {self.gamma}")
+        if self.u_init not in ("one", "first_batch"):
+            raise ValueError(f"u_init must be 'one' or 'first_batch', got {self.u_init!r}")
+        if self.reference not in ("sampler_prompt", "train_prompt"):
+            raise ValueError(f"reference must be 'sampler_prompt' or 'train_prompt', got {self.reference!r}")
+        if self.num_negatives_per_step < 1:
+            raise ValueError(f"num_negatives_per_step must be >= 1, got {self.num_negatives_per_step}")
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.sft_weight < 0 or self.simpo_gamma_beta_ratio < 0:
+            raise ValueError(
+                f"sft_weight and simpo_gamma_beta_ratio must be >= 0, got {self.sft_weight}, {self.simpo_gamma_beta_ratio}"
+            )
+        if self.token_budget < 0:
+            raise ValueError(f"token_budget must be >= 0 (0 = one micro-batch), got {self.token_budget}")
+        if self.remove_unused_columns:
+            raise ValueError("remove_unused_columns must be false for dftlite train (batches hold example indices)")
+        if self.eval_data_path and not self.eval_pool_dir and self.method != "sft":
+            raise ValueError("eval_data_path needs eval_pool_dir: the held-out prompts' own negative pool (`dftlite sample`)")
+        if self.gradient_checkpointing is None and getattr(self, "activation_checkpointing", None) is None:
+            # on by default; transformers 5 renamed the field (gradient_checkpointing is its alias), 4.x lacks the new name
+            name = "activation_checkpointing" if hasattr(self, "activation_checkpointing") else "gradient_checkpointing"
+            setattr(self, name, True)
+        super().__post_init__()

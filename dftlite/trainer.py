@@ -1,0 +1,491 @@
+"""`dftlite train`: Discriminative Fine-Tuning (DFT, DFT2) with LoRA/QLoRA, on one GPU or a CPU.
+
+    dftlite train --config configs/smollm2-135m_gsm8k_dft2_cpu.yaml [--field value ...]
+
+DFT is *Discriminative* Fine-Tuning (Guo et al., ICML 2025, arXiv 2502.18679). It is not TRL's
+`loss_type="dft"`, which is *Dynamic* Fine-Tuning, an unrelated method.
+
+Each step takes S prompts. Prompt i contributes its data answer y_i (the positive) and B
+negatives y'_ij from the offline pool of `dftlite sample` (`dftlite.draws` says which), all
+scored under the training prompt x_i in one forward pass; the loss (`dftlite.losses`) contrasts
+them, and the per-example moving average u_i (`dftlite.estimators.LogUTable`) is updated after
+the step. The (1+B)·S sequences are cut into micro-batches of whole prompt groups under
+`token_budget`, with forward + backward per micro-batch.
+
+`DFTTrainer` is a `transformers.Trainer`; it overrides only what DFT needs: the step
+(`training_step`, `prediction_step`), the u table and draw state in checkpoints
+(`_save_checkpoint`, `_load_from_checkpoint`) and the logged metrics (`log`). The loop,
+optimizer, scheduler, accumulation, RNG state and logging backends are the Trainer's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from dftlite.data import DataConfig, load_data
+from dftlite.dft_config import DFTConfig
+from dftlite.draws import Group, NegativeDraws, Split, load_split, micro_batches, pad_groups
+from dftlite.estimators import LogUTable
+from dftlite.logprobs import sequence_logprobs
+from dftlite.losses import dft2_loss, dft_loss, dpo_loss, simpo_loss, sft_loss
+from dftlite.models import ModelConfig, load_model, sampler_view
+
+DFT_STATE, DFT_STATE_META = "dft_state.safetensors", "dft_state.json"
+STATE_FORMAT_VERSION = 1
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN or inf in a step's scores, loss or gradients; raised before the optimizer step."""
+
+
+@contextlib.contextmanager
+def scoring_as_forward(module):
+    """Make `module(...)` compute `sequence_logprobs(module, ...)`.
+
+    DDP syncs gradients only for forwards through its own __call__, so a wrapped model is called
+    with scoring as its forward instead of being bypassed (single process: not used)."""
+    saved = module.__dict__.get("forward")  # accelerate may have set an instance-level forward
+    module.forward = functools.partial(sequence_logprobs, module)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
+
+
+class SaveOnInterrupt(TrainerCallback):
+    """Ctrl-C: finish the current step, save a checkpoint, stop. A second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested, self.stopped_at, self._previous, self._installed = False, None, None, False
+
+    def install(self):
+        self.requested, self.stopped_at = False, None
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+
+    def uninstall(self):
+        if self._installed:
+            self._restore()
+            self._installed = False
+
+    def _restore(self):
+        # getsignal gives None for a handler not set from Python: fall back to the default
+        signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        self._restore()  # the next Ctrl-C is the ordinary one
+        sys.stderr.write("\nInterrupt: saving a checkpoint after this step, then stopping (Ctrl-C again to abort now)\n")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested and self.stopped_at is None:
+            control.should_save = control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
+
+
+class _IndexDataset(torch.utils.data.Dataset):
+    """Items are {key: example index}; the trainer builds the sequences itself."""
+
+    def __init__(self, size: int, key: str):
+        self.size, self.key = size, key
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        return {self.key: index}
+
+
+def _collate(items: list[dict]) -> dict:
+    key = next(iter(items[0]))
+    return {key: torch.tensor([item[key] for item in items], dtype=torch.long)}
+
+
+class DFTTrainer(Trainer):
+    """Trainer for DFT/DFT2 and the baselines; see the module docstring for what it overrides."""
+
+    def __init__(self, model, args: DFTConfig, tokenizer, train_split: Split, eval_split: Split | None = None, callbacks=None):
+        self.interrupt = SaveOnInterrupt()
+        super().__init__(
+            model=model, args=args, data_collator=_collate, train_dataset=_IndexDataset(len(train_split), "example_index"),
+            eval_dataset=_IndexDataset(len(eval_split), "eval_index") if eval_split is not None else None,
+            processing_class=tokenizer, callbacks=[self.interrupt, *(callbacks or [])],
+        )
+        self.train_split, self.eval_split = train_split, eval_split
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.uses_u = args.method in ("dft", "dft2")
+        per_draw = 0 if args.method == "sft" else args.num_negatives_per_step
+        self.log_u = LogUTable(len(train_split), init=args.u_init)
+        self.draws = self._draws(train_split, per_draw)
+        if per_draw:
+            self.draws.check_capacity(self._epochs_planned())
+        self.eval_draws = None
+        if eval_split is not None:  # evaluation scores held-out negatives whenever there is a pool, SFT included
+            eval_per_draw = args.num_negatives_per_step if any(eval_split.negatives) else 0
+            self.eval_draws = self._draws(eval_split, eval_per_draw)
+            if eval_per_draw:
+                self.eval_draws.check_capacity(1, what="evaluation")
+        self._metric_sums = {"train": {}, "eval": {}}  # name -> Σ value × prompts, and "_prompts", "_tokens"
+        self._last_log_time = None
+
+    def _draws(self, split: Split, per_draw: int) -> NegativeDraws:
+        counts = [len(negatives) for negatives in split.negatives]
+        return NegativeDraws(split.ids, counts, per_draw, self.args.seed, self.args.allow_negative_reuse)
+
+    def _epochs_planned(self) -> int:
+        """Epochs the Trainer will start: each takes one draw per example."""
+        args = self.args
+        batches = len(self.train_split) / (args.per_device_train_batch_size * args.world_size)
+        batches = math.floor(batches) if args.dataloader_drop_last else math.ceil(batches)
+        updates_per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+        if args.max_steps > 0:
+            return math.ceil(args.max_steps / updates_per_epoch)
+        return math.ceil(args.num_train_epochs)
+
+    def train(self, *args, **kwargs):
+        """Trainer.train, with Ctrl-C turned into: save a checkpoint at the next step boundary, then stop."""
+        self.interrupt.install()
+        self._last_log_time = time.perf_counter()
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.interrupt.uninstall()
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        indices = inputs["example_index"].cpu()  # (S,)
+        groups = self._groups(self.train_split, indices, [self.draws.positions(i) for i in indices.tolist()])
+        # the Trainer sums what training_step returns over accumulation steps: scale like its own step
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        loss, new_log_u = self._forward(model, groups, indices, train=True, scale=scale)
+        self._sync_state(indices, new_log_u)
+        if self.accelerator.sync_gradients and self.accelerator.scaler is None:
+            self._check_gradients(model)
+        return loss * scale
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: the same loss and metrics on held-out prompts; never touches the u table or draws."""
+        indices = inputs["eval_index"].cpu()
+        groups = self._groups(self.eval_split, indices, [self.eval_draws.positions(i, draw=0) for i in indices.tolist()])
+        with torch.no_grad():
+            loss, _ = self._forward(model, groups, indices, train=False)
+        return loss.detach(), None, None
+
+    def _groups(self, split: Split, indices: torch.Tensor, positions: list[list[int]]) -> list[Group]:
+        key = "logp_train_prompt" if self.args.reference == "train_prompt" else "logp_sampler"
+        groups = []
+        for index, chosen in zip(indices.tolist(), positions):
+            pair, records = split.pairs[index], [split.negatives[index][p] for p in chosen]
+            groups.append(Group(split.ids[index], pair.prompt_ids, [pair.answer_ids] + [r["token_ids"] for r in records],
+                                [r[key] for r in records if self.args.method == "dft"]))
+        return groups
+
+    def _forward(self, model, groups: list[Group], indices: torch.Tensor, train: bool, scale: float = 1.0):
+        """Score the groups micro-batch by micro-batch; backward each when training.
+
+        Returns (the step's loss, detached; (S,) float64 new log u or None). The micro-batch
+        losses are weighted so that their sum is the loss of the whole step (mean over prompts;
+        SFT terms: over positive tokens)."""
+        args, num_prompts = self.args, len(groups)
+        device = self.args.device
+        if self.uses_u and train:
+            log_u_prev, gamma = self.log_u.lookup(indices, args.gamma)  # (S,), (S,)
+        else:  # evaluation: the plug-in estimate u = ĝ (γ = 1); the table stays as it is
+            log_u_prev, gamma = torch.zeros(num_prompts, dtype=torch.float64), torch.ones(num_prompts, dtype=torch.float64)
+        new_log_u = torch.zeros(num_prompts, dtype=torch.float64) if self.uses_u else None
+        positive_tokens = sum(len(g.completions[0]) for g in groups)
+        step_loss = torch.zeros((), device=device)
+        batches = micro_batches(groups, args.token_budget)
+        for number, members in enumerate(batches):
+            mb_groups = [groups[g] for g in members]
+            input_ids, attention_mask, completion_mask = pad_groups(mb_groups, self.pad_id, device)
+            rows = len(mb_groups[0].completions)  # 1 + B
+            reference = None
+            if args.method == "dpo":  # π_ref = the frozen base: adapters off, no grad
+                unwrapped = self.accelerator.unwrap_model(model)
+                with torch.no_grad(), sampler_view(unwrapped):
+                    reference = sequence_logprobs(unwrapped, input_ids, attention_mask, completion_mask)[0].view(-1, rows)
+            last = number == len(batches) - 1
+            sync = contextlib.nullcontext() if last or not train else self.accelerator.no_sync(model)
+            with sync:
+                logps, lengths = self._sequence_logprobs(model, input_ids, attention_mask, completion_mask)
+                logps, lengths = logps.view(-1, rows), lengths.view(-1, rows).to(logps.dtype)  # (S_mb, 1+B)
+                loss, mb_log_u, metrics = self._loss(
+                    logps[:, 0], lengths[:, 0], logps[:, 1:], lengths[:, 1:],
+                    torch.tensor([g.neg_ref_logps for g in mb_groups], dtype=torch.float64, device=device),
+                    reference, log_u_prev[members], gamma[members],
+                    group_share=len(members) / num_prompts,
+                    token_share=sum(len(g.completions[0]) for g in mb_groups) / positive_tokens,
+                )
+                self._check_finite(mb_groups, logps, loss, mb_log_u, train)
+                if train:
+                    self.accelerator.backward(loss * scale)
+            step_loss = step_loss + loss.detach()
+            if mb_log_u is not None:
+                new_log_u[members] = mb_log_u.detach().cpu()
+            per_token = logps.detach() / lengths  # (S_mb, 1+B) mean log-prob per token of each sequence
+            metrics["pos_logp_per_token"] = per_token[:, 0].mean()
+            if rows > 1:
+                metrics["neg_logp_per_token"] = per_token[:, 1:].mean()
+            tokens = sum(len(g.prompt_ids) + len(c) for g in mb_groups for c in g.completions)
+            self._record("train" if train else "eval", metrics, len(members), tokens)
+        return step_loss, new_log_u
+
+    def _sequence_logprobs(self, model, input_ids, attention_mask, completion_mask):
+        """(N,) summed completion log-probs and (N,) lengths, with grad; chunked, no full-vocab log_softmax."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        with self.accelerator.autocast():
+            if model is unwrapped:
+                return sequence_logprobs(model, input_ids, attention_mask, completion_mask)
+            with scoring_as_forward(unwrapped):
+                return model(input_ids, attention_mask, completion_mask)
+
+    def _loss(self, pos_logps, pos_lengths, neg_logps, neg_lengths, neg_ref_logps, reference, log_u_prev, gamma,
+              group_share, token_share):
+        """One micro-batch's share of the step loss, its (S_mb,) new log u (DFT/DFT2) and metrics.
+
+        pos_* (S_mb,), neg_* (S_mb, B): summed log-probs and lengths; reference (S_mb, 1+B) for DPO."""
+        args, method = self.args, self.args.method
+        if method == "dft2":
+            loss, new_log_u, metrics = dft2_loss(pos_logps / pos_lengths, neg_logps / neg_lengths, log_u_prev, args.tau, gamma)
+            return loss * group_share, new_log_u, metrics
+        if method == "dft":
+            loss, new_log_u, metrics = dft_loss(pos_logps, neg_logps, neg_ref_logps, log_u_prev, args.tau, gamma)
+            return loss * group_share, new_log_u, metrics
+        if method == "sft":
+            loss, metrics = sft_loss(pos_logps, pos_lengths)
+            return loss * token_share, None, metrics
+        if method == "dpo":
+            loss, metrics = dpo_loss(pos_logps, neg_logps, reference[:, 0], reference[:, 1:], args.beta)
+            return loss * group_share, None, metrics
+        simpo, metrics = simpo_loss(pos_logps, pos_lengths, neg_logps, neg_lengths, args.beta, args.simpo_gamma_beta_ratio)
+        if method == "simpo":
+            return simpo * group_share, None, metrics
+        sft, sft_metrics = sft_loss(pos_logps, pos_lengths)  # simpo_sft: as losses.simpo_sft_loss, split by shares
+        loss = simpo * group_share + args.sft_weight * sft * token_share
+        return loss, None, {**metrics, **sft_metrics, "simpo": simpo.detach()}
+
+    def _check_finite(self, groups: list[Group], logps, loss, new_log_u, train: bool):
+        checks = [logps.detach().flatten(), loss.detach().flatten().to(logps.dtype)]
+        if new_log_u is not None:
+            checks.append(new_log_u.detach().to(logps.dtype))
+        if bool(torch.isfinite(torch.cat(checks)).all()):  # one device sync for the common case
+            return
+        parts = [("positive log-probs", logps[:, 0]), ("negative log-probs", logps[:, 1:]), ("loss", loss),
+                 ("log u estimate", new_log_u)]
+        part = next(name for name, value in parts if value is not None and not bool(torch.isfinite(value.detach()).all()))
+        self._fail(f"non-finite {part} (example ids {[g.example_id for g in groups]})", train)
+
+    def _check_gradients(self, model):
+        grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+        if grads and not bool(torch.isfinite(torch.stack([g.float().norm() for g in grads])).all()):
+            self._fail("non-finite gradients (finite loss)", train=True)
+
+    def _fail(self, what: str, train: bool):
+        where = f"step {self.state.global_step + 1}" if train else f"evaluation after step {self.state.global_step}"
+        last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        raise NonFiniteLossError(
+            f"{where}: {what}. Training stopped before the optimizer step; nothing was saved for this step. "
+            f"Last good checkpoint: {last or 'none'}. Lower learning_rate, or check the data and the pool."
+        )
+
+    def _sync_state(self, indices: torch.Tensor, new_log_u: torch.Tensor | None):
+        """Write the step's new log u and draw counts on every process.
+
+        Each process all-gathers (example index, new log u) so all hold the complete, identical u
+        table and draw state; checkpoints then resume with any number of processes."""
+        values = new_log_u if new_log_u is not None else torch.full((len(indices),), float("nan"), dtype=torch.float64)
+        rows = torch.stack([indices.double(), values], dim=1)  # (S, 2)
+        if self.accelerator.num_processes > 1:
+            rows = self.accelerator.pad_across_processes(rows.to(self.accelerator.device), dim=0, pad_index=-1)
+            rows = self.accelerator.gather(rows).cpu()
+            rows = rows[rows[:, 0] >= 0]
+            # accelerate's even_batches can repeat an example on two processes at an epoch's end: count it once
+            seen, keep = set(), []
+            for n, index in enumerate(rows[:, 0].long().tolist()):
+                if index not in seen:
+                    seen.add(index)
+                    keep.append(n)
+            rows = rows[keep]
+        index = rows[:, 0].long()
+        if new_log_u is not None:
+            self.log_u.update(index, rows[:, 1])
+        self.draws.advance(index)
+
+    # ---- metrics --------------------------------------------------------------------------
+
+    def _record(self, mode: str, metrics: dict, prompts: int, tokens: int):
+        names = sorted(metrics)
+        values = torch.stack([metrics[n].detach().double().cpu() for n in names]).tolist()  # one sync
+        sums = self._metric_sums[mode]
+        for name, value in zip(names, values):
+            sums[name] = sums.get(name, 0.0) + value * prompts
+        sums["_prompts"] = sums.get("_prompts", 0.0) + prompts
+        sums["_tokens"] = sums.get("_tokens", 0.0) + tokens
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        """Add the averaged step metrics since the last log (train) or of this evaluation (eval_*)."""
+        mode = "train" if "loss" in logs else "eval" if "eval_loss" in logs else None
+        sums = self._metric_sums.get(mode) or {}
+        if sums:
+            names = sorted(sums)
+            totals = torch.tensor([sums[n] for n in names], dtype=torch.float64)
+            if self.accelerator.num_processes > 1:
+                totals = self.accelerator.gather(totals.to(self.accelerator.device)).view(-1, len(names)).sum(0).cpu()
+            total = dict(zip(names, totals.tolist()))
+            prefix = "" if mode == "train" else "eval_"
+            logs.update({prefix + n: v / total["_prompts"] for n, v in total.items() if not n.startswith("_")})
+            if mode == "train":
+                now = time.perf_counter()
+                logs["tokens_per_second"] = total["_tokens"] / max(now - self._last_log_time, 1e-9)
+                self._last_log_time = now
+            self._metric_sums[mode] = {}
+        super().log(logs, start_time)
+
+    # ---- checkpoints ----------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        # our state first: a checkpoint whose trainer_state.json exists is complete
+        if self.args.should_save:
+            self.save_dft_state(os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self.load_dft_state(resume_from_checkpoint)
+
+    def _state_meta(self) -> dict:
+        return {
+            "format_version": STATE_FORMAT_VERSION, "method": self.args.method, "num_examples": len(self.train_split),
+            "example_ids_digest": hashlib.sha256("\n".join(self.train_split.ids).encode()).hexdigest()[:16],
+            "seed": self.args.seed, "num_negatives_per_step": self.draws.per_draw,
+        }
+
+    def save_dft_state(self, directory: str | os.PathLike):
+        """dft_state.safetensors (log_u, visits, draws_taken; complete on every process) + dft_state.json."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({**self.log_u.state_dict(), **self.draws.state_dict()}, str(directory / DFT_STATE))
+        (directory / DFT_STATE_META).write_text(json.dumps(self._state_meta(), indent=2) + "\n")
+
+    def load_dft_state(self, directory: str | os.PathLike):
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not (directory / DFT_STATE).is_file() or not (directory / DFT_STATE_META).is_file():
+            raise FileNotFoundError(f"{directory} has no {DFT_STATE}/{DFT_STATE_META}: not a `dftlite train` checkpoint")
+        saved, expected = json.loads((directory / DFT_STATE_META).read_text()), self._state_meta()
+        diffs = [f"{k} (checkpoint: {saved.get(k)!r}, now: {v!r})" for k, v in expected.items() if saved.get(k) != v]
+        if diffs:
+            raise ValueError(f"cannot resume from {directory}: it was made with other settings: " + "; ".join(diffs))
+        tensors = load_file(str(directory / DFT_STATE))
+        self.log_u.load_state_dict({"log_u": tensors["log_u"], "visits": tensors["visits"]})
+        self.draws.load_state_dict({"draws_taken": tensors["draws_taken"]})
+
+
+# ---- the job ------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    adapter_path: str
+    metrics: dict  # the Trainer's train metrics, the last step's logged metrics, the final evaluation
+
+
+def build_trainer(model_config: ModelConfig, data_config: DataConfig, dft_config: DFTConfig, model=None, tokenizer=None,
+                  callbacks=None) -> DFTTrainer:
+    """Load data, model and pools, and check them; return a ready DFTTrainer."""
+    from rich.console import Console
+    from transformers import set_seed
+
+    console = Console(stderr=True)
+    set_seed(dft_config.seed)  # the LoRA initialisation
+    examples = load_data(data_config)
+    if model is None:
+        model, tokenizer = load_model(model_config, gradient_checkpointing=bool(dft_config.gradient_checkpointing))
+    elif tokenizer is None:
+        raise ValueError("pass the tokenizer together with the model")
+    needs_pool = dft_config.method != "sft"
+    reference = dft_config.reference if dft_config.method == "dft" else None
+    train_split, summary = load_split(examples, tokenizer, data_config, model, dft_config.pool_dir if needs_pool else None,
+                                      reference, model_config.model_name_or_path)
+    console.print(f"training data: {summary}")
+    eval_split = None
+    if dft_config.eval_data_path:
+        eval_data = dataclasses.replace(data_config, data_path=dft_config.eval_data_path, max_examples=None)
+        eval_split, summary = load_split(load_data(eval_data), tokenizer, eval_data, model, dft_config.eval_pool_dir,
+                                         reference, model_config.model_name_or_path, what="evaluation")
+        console.print(f"evaluation data: {summary}")
+    return DFTTrainer(model, dft_config, tokenizer, train_split, eval_split, callbacks)
+
+
+def train(model_config: ModelConfig, data_config: DataConfig, dft_config: DFTConfig, model=None, tokenizer=None) -> TrainResult:
+    """Train, then write <output_dir>/adapter, dft_state.*, log_history.jsonl, the config and the curves."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from dftlite.config import save_resolved_config
+    from dftlite.plots import plot_training_curves
+
+    console = Console()
+    output_dir = Path(dft_config.output_dir)
+    trainer = build_trainer(model_config, data_config, dft_config, model, tokenizer)
+    if trainer.args.should_save:
+        save_resolved_config(output_dir, model_config, data_config, dft_config)
+    output = trainer.train(resume_from_checkpoint=dft_config.resume_from_checkpoint)
+    if trainer.interrupt.stopped_at is not None:
+        checkpoint = output_dir / f"{PREFIX_CHECKPOINT_DIR}-{trainer.interrupt.stopped_at}"
+        console.print(f"[bold yellow]Interrupted[/]: checkpoint saved at step {trainer.interrupt.stopped_at} in {checkpoint}. "
+                      f"Resume with: dftlite train ... --resume_from_checkpoint {checkpoint}")
+        raise SystemExit(130)
+    metrics = dict(output.metrics)
+    step_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    metrics.update(step_logs[-1] if step_logs else {})
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    if evals and evals[-1]["step"] == trainer.state.global_step:  # eval_strategy already evaluated the end
+        metrics.update(evals[-1])
+    elif trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    adapter_path = output_dir / "adapter"
+    trainer.save_model(str(adapter_path))  # PEFT adapter (safetensors) + tokenizer
+    if trainer.args.should_save:
+        trainer.save_dft_state(output_dir)
+        with open(output_dir / "log_history.jsonl", "w") as handle:
+            for entry in trainer.state.log_history:
+                handle.write(json.dumps(entry) + "\n")
+        plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
+        table = Table(title=f"dftlite train ({dft_config.method}) → {output_dir}", show_header=False)
+        for key in sorted(metrics):
+            value = metrics[key]
+            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+        console.print(table)
+    return TrainResult(str(output_dir), str(adapter_path), metrics)
