@@ -1,0 +1,531 @@
+"""The negative pool: completions y' ~ P_g0(.|x̄) from the frozen base model, sampled offline.
+
+Discriminative Fine-Tuning (Guo et al. 2025, arXiv 2502.18679, §4.2 and App. B.5) contrasts
+each training answer y_i with m negatives y' drawn from the base model under an adversarial
+prompt x̄_i: the training prompt with the system message "You are an unhelpful assistant.".
+The sampler is `sampler_view(model)`: the same loaded (possibly 4-bit) model, adapters off.
+
+    dftlite sample --config configs/smollm2-135m_gsm8k_dft2_cpu.yaml
+
+    from dftlite.sampling import load_pool, negatives_for
+    meta, records_by_id = load_pool("runs/demo/pool")
+    negatives = negatives_for(records_by_id[example.id], meta)
+
+Pool directory:
+    meta.json    format_version, model fingerprint, template, sampler prompt and sampling settings.
+    pool.jsonl   one record per (id, k), k < num_negatives: text, token_ids (with the EOS if
+                 generated), num_tokens, finish_reason ("eos" | "length"), sampler_prompt (x̄ as
+                 text), logp_sampler = Σ_t log P_g0(y'_t | x̄, y'_<t) at temperature 1 from the raw
+                 logits, logp_train_prompt (the same under the training prompt x, or null), gold_duplicate.
+
+Nothing lost, nothing mixed: each batch is appended with one write() + fsync, so a crash leaves at
+most a partial last line (no trailing newline), which `load_pool` ignores and `sample_pool`
+truncates before appending. Rerunning resumes: finished (id, k) pairs are skipped. Different
+model, tokenizer, template, sampler prompt or sampling settings raise PoolMismatchError.
+num_negatives may grow on resume (the pool is extended with new k), never shrink.
+
+Sampling is seeded per (seed, id, k), so a completion does not depend on the batch it ran in, with
+one caveat: padded, batched matmuls differ from unbatched ones in the last bits of the logits, so
+when the uniform draw lands within rounding error of a boundary of the inverse CDF, the token can
+flip (≈1e-7 per token in fp32; more likely in bf16/fp16/4-bit). From that token on the completion
+differs, but it is still an exact sample of P_g0 and its logp_sampler is still exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from dftlite.config import ConfigError, save_resolved_config
+from dftlite.data import DataConfig, DataError, encode_prompt, load_data, render_prompt
+from dftlite.models import ModelConfig, load_model, model_fingerprint, sampler_view
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_FILE, POOL_FILE = "meta.json", "pool.jsonl"
+# Settings that change what is sampled: a pool made with other values is not this pool.
+SAMPLING_KEYS = ("template", "sampler_system_prompt", "temperature", "top_k", "top_p", "max_new_tokens", "seed", "score_train_prompt")
+# batch_size=0: rows per generate call such that rows * (longest prompt + max_new_tokens) stays
+# within this many tokens of KV cache (SmolLM2-135M fp32: ~46 KB/token, so ~0.4 GB on CPU).
+AUTO_TOKEN_BUDGET = {"cpu": 8192, "cuda": 65536}
+MAX_AUTO_ROWS = 256
+
+
+class PoolMismatchError(ConfigError):  # a ValueError; the CLI prints ConfigErrors without a traceback
+    """An existing pool was made with another model, tokenizer, template, prompt or sampling settings."""
+
+
+@dataclass
+class SampleConfig:
+    pool_dir: str = field(default="", metadata={"help": "Output directory of the negative pool (meta.json, pool.jsonl). Required."})
+    sampler_system_prompt: str | None = field(
+        default="You are an unhelpful assistant.",
+        metadata={"help": "System message of the sampler prompt x̄ (paper App. B.5). None or '' = sample from the training prompt as is."},
+    )
+    num_negatives: int = field(
+        default=4, metadata={"help": "m = E×B completions per prompt (paper: B=2 per step; 2-8 typical). May grow on resume."}
+    )
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (> 0; paper: 0.7)."})
+    top_k: int = field(default=50, metadata={"help": "Keep the k most likely tokens (0 = off; paper: 50)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass in (0, 1] (1.0 = off; paper: 1.0)."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Completion length cap (paper: 256 math, 320 chat)."})
+    batch_size: int = field(
+        default=0, metadata={"help": "Completions per generate call; 0 = automatic from a KV-cache token budget."}
+    )
+    seed: int = field(default=42, metadata={"help": "Base seed; completion (id, k) uses its own stream derived from (seed, id, k)."})
+    score_train_prompt: bool = field(
+        default=False, metadata={"help": "Also store logp_train_prompt = log P_g0(y'|x) under the training prompt (one extra forward)."}
+    )
+    keep_gold_duplicates: bool = field(
+        default=False, metadata={"help": "Use negatives identical to the gold answer (stripped) as negatives anyway."}
+    )
+
+    def __post_init__(self):
+        if not self.pool_dir:
+            raise ValueError("pool_dir is required: the directory the negative pool is written to")
+        if self.sampler_system_prompt == "":
+            self.sampler_system_prompt = None
+        if self.num_negatives < 1:
+            raise ValueError(f"num_negatives must be >= 1, got {self.num_negatives}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 0:
+            raise ValueError(f"batch_size must be >= 0 (0 = automatic), got {self.batch_size}")
+
+
+@dataclass
+class PoolStats:
+    """Statistics of the whole pool after a run (new_* count only this run's completions)."""
+
+    num_prompts: int
+    num_records: int
+    new_records: int
+    new_tokens: int
+    seconds: float
+    tokens_per_second: float
+    mean_tokens: float
+    share_length: float  # hit max_new_tokens
+    share_gold_duplicate: float
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and checking a pool (also used by the trainer).
+
+
+def load_pool(pool_dir: str | Path) -> tuple[dict, dict[str, list[dict]]]:
+    """Read a pool: (meta, {id: records sorted by k}).
+
+    The only thing dropped is a last line without a trailing newline (a write cut short by a
+    crash). A malformed complete line or a duplicate (id, k) is an error, never skipped.
+    """
+    pool_dir = Path(pool_dir)
+    if not (pool_dir / META_FILE).is_file():
+        raise FileNotFoundError(f"no negative pool in {pool_dir} ({META_FILE} missing); run `dftlite sample` first")
+    meta = json.loads((pool_dir / META_FILE).read_text())
+    records_by_id: dict[str, list[dict]] = {}
+    path = pool_dir / POOL_FILE
+    data = path.read_bytes() if path.is_file() else b""
+    complete = data[: data.rfind(b"\n") + 1]
+    for line_no, line in enumerate(complete.split(b"\n")[:-1], start=1):
+        try:
+            record = json.loads(line)
+            key = (record["id"], record["k"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{line_no}: corrupt pool record ({err}); the pool cannot be trusted") from None
+        records = records_by_id.setdefault(key[0], [])
+        if any(r["k"] == key[1] for r in records):
+            raise ValueError(f"{path}:{line_no}: duplicate record for id {key[0]!r}, k={key[1]}")
+        records.append(record)
+    for records in records_by_id.values():
+        records.sort(key=lambda r: r["k"])
+    return meta, records_by_id
+
+
+def _differences(meta: dict, expected: dict, prefix: str = "") -> list[str]:
+    diffs = []
+    for key, value in expected.items():
+        if isinstance(value, dict) and isinstance(meta.get(key), dict):
+            diffs += _differences(meta[key], value, f"{prefix}{key}.")
+        elif meta.get(key, "<missing>") != value:
+            diffs.append(f"{prefix}{key} (pool: {meta.get(key, '<missing>')!r}, now: {value!r})")
+    return diffs
+
+
+def check_pool_compatible(meta: dict, model, tokenizer, template: str | None = None, sample_config: SampleConfig | None = None):
+    """Raise PoolMismatchError unless the pool was sampled from this model + tokenizer
+    (and, when given, this template and these sampling settings)."""
+    expected = {"format_version": FORMAT_VERSION, "fingerprint": model_fingerprint(model, tokenizer)}
+    if template is not None:
+        expected["template"] = template
+    if sample_config is not None:
+        expected.update({k: v for k, v in _settings(sample_config).items() if k != "template"})
+    diffs = _differences(meta, expected)
+    if diffs:
+        raise PoolMismatchError(
+            "the negative pool was made with other settings: " + "; ".join(diffs)
+            + ". Use a new pool_dir, or the pool's settings."
+        )
+
+
+def negatives_for(records: list[dict], meta: dict | None = None) -> list[dict]:
+    """The records usable as negatives: gold duplicates are left out unless meta['keep_gold_duplicates']."""
+    keep = bool(meta and meta.get("keep_gold_duplicates"))
+    return [r for r in records if keep or not r["gold_duplicate"]]
+
+
+def _settings(config: SampleConfig, template: str | None = None) -> dict:
+    settings = {k: getattr(config, k) for k in SAMPLING_KEYS if k != "template"}
+    return settings if template is None else {"template": template, **settings}
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeded sampling inside generate.
+
+
+def completion_seed(seed: int, example_id: str, k: int) -> int:
+    """A 63-bit seed for completion (id, k): independent of batching, order and device."""
+    digest = hashlib.sha256(f"{seed}\0{example_id}\0{k}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class SeededSampler:
+    """A LogitsProcessor that samples each row from its own generator and forces that token.
+
+    generate runs with do_sample=False and no other processor, so `scores` here are the raw
+    logits; we apply temperature / top-k / top-p ourselves, draw u ~ U[0,1) from the row's CPU
+    generator, take the inverse CDF, and return logits that are -inf except the chosen token,
+    which greedy decoding then takes. log P_g0 at temperature 1 is kept per step: no extra forward.
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, top_k: int, top_p: float):
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.step_logps: list[torch.Tensor] = []  # per step: (B,) log P_g0(chosen token)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        raw = scores.float()  # (B, V) raw logits
+        scores = raw / self.temperature
+        if 0 < self.top_k < scores.shape[-1]:
+            kth = torch.topk(scores, self.top_k, dim=-1).values[:, -1:]  # (B, 1)
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p < 1.0:  # as transformers' TopPLogitsWarper, keeping at least one token
+            sorted_scores, order = torch.sort(scores, descending=False)
+            remove = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= 1 - self.top_p
+            remove[:, -1] = False
+            scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+        cdf = torch.softmax(scores.double(), dim=-1).cumsum(dim=-1)  # (B, V)
+        uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
+        target = (uniform.to(cdf.device) * cdf[:, -1]).unsqueeze(1)  # (B, 1)
+        # first index whose cdf exceeds the target: never a token of probability 0
+        chosen = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)  # (B, 1)
+        self.step_logps.append(torch.log_softmax(raw, dim=-1).gather(1, chosen).squeeze(1))
+        return torch.full_like(raw, float("-inf")).scatter_(1, chosen, 0.0)
+
+
+@contextlib.contextmanager
+def _neutral_generation_config(model, eos_ids: list[int], pad_id: int, max_new_tokens: int):
+    """Swap in a greedy generation config without processors: generate fills unset values from
+    `model.generation_config` (e.g. a Hub repetition_penalty), which would bias P_g0."""
+    from transformers import GenerationConfig
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = base.generation_config
+    base.generation_config = GenerationConfig(
+        eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens
+    )
+    try:
+        yield base.generation_config
+    finally:
+        base.generation_config = saved
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
+    return sorted(i for i in ids if i is not None)
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)  # (B, T)
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return input_ids, attention_mask
+
+
+def generate_batch(model, prompt_ids: list[list[int]], seeds: list[int], config: SampleConfig, eos_ids: list[int], pad_id: int):
+    """Sample one completion per row. Returns [(token_ids, finish_reason, logp_sampler)], row order."""
+    from transformers import LogitsProcessorList
+
+    device = next(model.parameters()).device
+    input_ids, attention_mask = _left_pad(prompt_ids, pad_id, device)
+    sampler = SeededSampler(seeds, config.temperature, config.top_k, config.top_p)
+    with _neutral_generation_config(model, eos_ids, pad_id, config.max_new_tokens) as generation_config, torch.no_grad():
+        sequences = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
+            logits_processor=LogitsProcessorList([sampler]),
+        )
+    completions = sequences[:, input_ids.shape[1]:].tolist()  # (B, T), pads after each row's EOS
+    step_logps = torch.stack(sampler.step_logps, dim=1).double().cpu()  # (B, steps)
+    results = []
+    for row, tokens in enumerate(completions):
+        ends = [t for t, token in enumerate(tokens) if token in eos_ids]
+        length = ends[0] + 1 if ends else len(tokens)
+        results.append((tokens[:length], "eos" if ends else "length", float(step_logps[row, :length].sum())))
+    return results
+
+
+def score_completions(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int) -> list[float]:
+    """Σ_t log P(y'_t | prompt, y'_<t): one teacher-forced, right-padded forward."""
+    from dftlite.logprobs import naive_sequence_logprobs, sequence_logprobs
+
+    device = next(model.parameters()).device
+    rows = [p + c for p, c in zip(prompt_ids, completion_ids)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)  # (N, T)
+    attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    completion_mask = torch.tensor(
+        [[0] * len(p) + [1] * len(c) + [0] * (width - len(p) - len(c)) for p, c in zip(prompt_ids, completion_ids)],
+        device=device,
+    )
+    with torch.no_grad():
+        try:
+            logp_sums, _ = sequence_logprobs(model, input_ids, attention_mask, completion_mask)
+        except NotImplementedError:  # logit soft-capping / scaling: the chunked path refuses
+            logp_sums, _ = naive_sequence_logprobs(model, input_ids, attention_mask, completion_mask)
+    return logp_sums.double().cpu().tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing.
+
+
+def _write_meta(pool_dir: Path, meta: dict):
+    tmp = pool_dir / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, pool_dir / META_FILE)
+
+
+def _truncate_partial_line(path: Path) -> int:
+    """Cut a last line without a newline (a crash mid-write); return the bytes removed."""
+    if not path.is_file():
+        return 0
+    with open(path, "r+b") as handle:
+        size = end = handle.seek(0, os.SEEK_END)
+        keep = 0
+        while end > 0:  # scan back from the end in 64 KiB blocks for the last newline
+            start = max(0, end - (1 << 16))
+            handle.seek(start)
+            newline = handle.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            end = start
+        if keep < size:
+            handle.truncate(keep)
+            handle.flush()
+            os.fsync(handle.fileno())
+    return size - keep
+
+
+def _append_records(path: Path, records: list[dict]):
+    """One write() of all lines, then fsync: a kill leaves at most a partial last line."""
+    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+# ---------------------------------------------------------------------------------------------
+# The job.
+
+
+@dataclass
+class _Prompt:
+    id: str
+    answer: str
+    sampler_prompt: str
+    sampler_ids: list[int]
+    train_ids: list[int] | None
+
+
+def _prepare_prompts(model, tokenizer, examples, template: str, config: SampleConfig) -> list[_Prompt]:
+    context = getattr(model.config, "max_position_embeddings", None)
+    prompts = []
+    for example in examples:
+        try:
+            text = render_prompt(tokenizer, example.prompt, template, config.sampler_system_prompt)
+        except Exception as err:
+            raise DataError(
+                f"cannot render the sampler prompt x̄ of id {example.id!r} with template {template!r} and "
+                f"sampler_system_prompt={config.sampler_system_prompt!r}: {err}"
+            ) from err
+        sampler_ids = encode_prompt(tokenizer, text, template)
+        train_ids = None
+        if config.score_train_prompt:
+            train_ids = encode_prompt(tokenizer, render_prompt(tokenizer, example.prompt, template), template)
+        longest = max(len(sampler_ids), len(train_ids or []))
+        if context is not None and longest + config.max_new_tokens > context:
+            raise DataError(
+                f"id {example.id!r}: prompt of {longest} tokens + max_new_tokens={config.max_new_tokens} exceeds "
+                f"the model's context window of {context} tokens; shorten the prompt or lower max_new_tokens"
+            )
+        prompts.append(_Prompt(example.id, example.answer, text, sampler_ids, train_ids))
+    return prompts
+
+
+def _open_pool(pool_dir: Path, meta: dict, model, tokenizer, template, config, prompts) -> dict[str, list[dict]]:
+    """Create the pool, or check an existing one against this run and return its records."""
+    if not (pool_dir / META_FILE).is_file():
+        if (pool_dir / POOL_FILE).is_file() and (pool_dir / POOL_FILE).stat().st_size:
+            raise PoolMismatchError(f"{pool_dir / POOL_FILE} exists without {META_FILE}; refusing to mix into it")
+        _write_meta(pool_dir, meta)
+        return {}
+    old_meta = json.loads((pool_dir / META_FILE).read_text())
+    check_pool_compatible(old_meta, model, tokenizer, template, config)
+    if old_meta.get("num_negatives", 0) > config.num_negatives:
+        raise PoolMismatchError(
+            f"the pool in {pool_dir} has num_negatives={old_meta['num_negatives']}; it can grow, not shrink "
+            f"(now {config.num_negatives}). Use num_negatives >= {old_meta['num_negatives']} or a new pool_dir."
+        )
+    removed = _truncate_partial_line(pool_dir / POOL_FILE)
+    if removed:
+        logger.warning("removed a partial last line (%d bytes) of %s left by an interrupted run", removed, pool_dir / POOL_FILE)
+    _, records_by_id = load_pool(pool_dir)
+    by_id = {p.id: p for p in prompts}
+    unknown = sorted(set(records_by_id) - set(by_id))
+    if unknown:
+        raise PoolMismatchError(
+            f"the pool in {pool_dir} holds {len(unknown)} id(s) not in the dataset, e.g. {unknown[:3]}; "
+            "it was made from other data. Use a new pool_dir."
+        )
+    for example_id, records in records_by_id.items():
+        if records[0]["sampler_prompt"] != by_id[example_id].sampler_prompt:
+            raise PoolMismatchError(f"id {example_id!r}: the pool's sampler prompt differs from this dataset's; use a new pool_dir")
+    _write_meta(pool_dir, meta)  # num_negatives may have grown; keep_gold_duplicates may have changed
+    return records_by_id
+
+
+def _batches(todo: list[tuple[_Prompt, int]], config: SampleConfig, device_type: str):
+    """Consecutive slices of `todo` (sorted by prompt length): fixed size, or within the token budget."""
+    start = 0
+    budget = AUTO_TOKEN_BUDGET.get(device_type, AUTO_TOKEN_BUDGET["cpu"])
+    while start < len(todo):
+        end = start + 1
+        while end < len(todo):
+            if config.batch_size:
+                if end - start >= config.batch_size:
+                    break
+            elif end - start >= MAX_AUTO_ROWS or (end - start + 1) * (len(todo[end][0].sampler_ids) + config.max_new_tokens) > budget:
+                break
+            end += 1
+        yield todo[start:end]
+        start = end
+
+
+def _statistics(records_by_id: dict[str, list[dict]]) -> dict:
+    records = [r for rs in records_by_id.values() for r in rs]
+    n = max(len(records), 1)
+    return {
+        "num_prompts": len(records_by_id),
+        "num_records": len(records),
+        "mean_tokens": sum(r["num_tokens"] for r in records) / n,
+        "share_length": sum(r["finish_reason"] == "length" for r in records) / n,
+        "share_gold_duplicate": sum(r["gold_duplicate"] for r in records) / n,
+    }
+
+
+def sample_pool(model_config: ModelConfig, data_config: DataConfig, sample_config: SampleConfig, model=None, tokenizer=None) -> PoolStats:
+    """Sample (or resume) the negative pool of every training prompt into sample_config.pool_dir."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    examples = load_data(data_config)  # raises DataError on an empty dataset
+    if model is None or tokenizer is None:
+        model, tokenizer = load_model(model_config)
+    config, template = sample_config, data_config.template
+    prompts = _prepare_prompts(model, tokenizer, examples, template, config)
+
+    pool_dir = Path(config.pool_dir)
+    pool_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": model_fingerprint(model, tokenizer),
+        **_settings(config, template),
+        "num_negatives": config.num_negatives,
+        "keep_gold_duplicates": config.keep_gold_duplicates,
+    }
+    records_by_id = _open_pool(pool_dir, meta, model, tokenizer, template, config, prompts)
+    save_resolved_config(pool_dir, model_config, data_config, sample_config)
+
+    done = {(r["id"], r["k"]) for rs in records_by_id.values() for r in rs}
+    todo = [(p, k) for p in prompts for k in range(config.num_negatives) if (p.id, k) not in done]
+    order = {p.id: i for i, p in enumerate(prompts)}
+    todo.sort(key=lambda item: (len(item[0].sampler_ids), order[item[0].id], item[1]))  # less padding
+    remaining = {p.id: sum(1 for k in range(config.num_negatives) if (p.id, k) not in done) for p in prompts}
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    device_type = next(model.parameters()).device.type
+
+    console = Console(stderr=True)
+    new_tokens, started = 0, time.perf_counter()
+    columns = [TextColumn("sampling"), BarColumn(), TextColumn("{task.fields[prompts]} prompts"),
+               TextColumn("{task.fields[rate]:.1f} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    prompts_done = sum(1 for v in remaining.values() if v == 0)
+    with sampler_view(model), Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("sample", total=len(todo), prompts=f"{prompts_done}/{len(prompts)}", rate=0.0)
+        for batch in _batches(todo, config, device_type):
+            seeds = [completion_seed(config.seed, p.id, k) for p, k in batch]
+            results = generate_batch(model, [p.sampler_ids for p, _ in batch], seeds, config, eos_ids, pad_id)
+            train_logps = [None] * len(batch)
+            if config.score_train_prompt:
+                train_logps = score_completions(model, [p.train_ids for p, _ in batch], [r[0] for r in results], pad_id)
+            records = []
+            for (prompt, k), (token_ids, finish_reason, logp), train_logp in zip(batch, results, train_logps):
+                eos_trimmed = token_ids[:-1] if finish_reason == "eos" else token_ids
+                text = tokenizer.decode(eos_trimmed, skip_special_tokens=False)
+                records.append({
+                    "id": prompt.id, "k": k, "text": text, "token_ids": token_ids, "num_tokens": len(token_ids),
+                    "finish_reason": finish_reason, "sampler_prompt": prompt.sampler_prompt, "logp_sampler": logp,
+                    "logp_train_prompt": train_logp, "gold_duplicate": text.strip() == prompt.answer.strip(),
+                })
+            _append_records(pool_dir / POOL_FILE, records)
+            for record in records:
+                records_by_id.setdefault(record["id"], []).append(record)
+                remaining[record["id"]] -= 1
+                prompts_done += remaining[record["id"]] == 0
+                new_tokens += record["num_tokens"]
+            rate = new_tokens / max(time.perf_counter() - started, 1e-9)
+            progress.update(task, advance=len(batch), prompts=f"{prompts_done}/{len(prompts)}", rate=rate)
+    seconds = time.perf_counter() - started
+
+    for records in records_by_id.values():
+        records.sort(key=lambda r: r["k"])
+    stats = PoolStats(
+        new_records=len(todo), new_tokens=new_tokens, seconds=seconds, tokens_per_second=new_tokens / max(seconds, 1e-9),
+        **_statistics(records_by_id),
+    )
+    table = Table(title=f"negative pool {pool_dir}", show_header=False)
+    for key, value in asdict(stats).items():
+        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    return stats
