@@ -1,0 +1,130 @@
+"""`dftlite demo`: the whole pipeline on the embedded SmolLM2-135M-Instruct, with no arguments.
+
+    dftlite demo                     # or: make demo
+    dftlite demo --num_train 64      # a bigger run (GPU recommended)
+
+bundled GSM8K subset → sample negatives from the frozen base (sampler view) → DFT2 QLoRA
+training → evaluation of the base and the adapter side by side → adapter export.
+Sized for about 15 minutes on 2 CPU cores; a GPU is used automatically when present.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RESOURCES = Path(__file__).resolve().parent / "resources" / "gsm8k"
+
+
+@dataclass
+class DemoConfig:
+    demo_dir: str = field(default="runs/demo", metadata={"help": "Where the demo writes data, pools, run and export."})
+    num_train: int = field(default=24, metadata={"help": "Training problems (the shortest of the first 500 of GSM8K train)."})
+    num_eval: int = field(default=40, metadata={"help": "Held-out problems (the first of the bundled GSM8K dev set)."})
+    demo_precision: str = field(default="4bit", metadata={"help": "Base weights: 4bit (QLoRA) or fp32/bf16."})
+    demo_max_new_tokens: int = field(default=160, metadata={"help": "Length cap for negatives and greedy answers."})
+    demo_epochs: int = field(default=2, metadata={"help": "Epochs (E); the pool holds E×B negatives per prompt."})
+    demo_learning_rate: float = field(default=2e-4, metadata={"help": "LoRA learning rate."})
+    demo_seed: int = field(default=0, metadata={"help": "Seed of sampling and training."})
+
+    def __post_init__(self):
+        if self.num_train < 1 or self.num_eval < 1:
+            raise ValueError("num_train and num_eval must be >= 1")
+        if self.demo_epochs < 1:
+            raise ValueError(f"demo_epochs must be >= 1, got {self.demo_epochs}")
+
+
+def _write_subset(source: Path, target: Path, count: int, shortest_of: int | None = None) -> Path:
+    """Copy `count` problems; with `shortest_of`, the shortest among the first `shortest_of` (CPU budget)."""
+    with open(source) as handle:
+        rows = [json.loads(line) for line in handle]
+    if shortest_of is not None:
+        pool = rows[:shortest_of]
+        rows = sorted(pool, key=lambda r: len(r["question"]) + len(r["answer"]))[:count]
+    else:
+        rows = rows[:count]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    return target
+
+
+def run_demo(config: DemoConfig) -> dict:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from dftlite.data import DataConfig
+    from dftlite.evaluate import EvalConfig, evaluate
+    from dftlite.export import ExportConfig, export
+    from dftlite.models import ModelConfig, load_model
+    from dftlite.sampling import SampleConfig, sample_pool
+    from dftlite.trainer import DFTConfig, train
+
+    console = Console()
+    started = time.time()
+    root = Path(config.demo_dir)
+    B = 2  # negatives per step (paper)
+    train_path = _write_subset(RESOURCES / "train.jsonl", root / "data" / "train.jsonl", config.num_train, shortest_of=500)
+    dev_path = _write_subset(RESOURCES / "dev.jsonl", root / "data" / "dev.jsonl", config.num_eval)
+    on_gpu = torch.cuda.is_available()
+    console.rule(f"dftlite demo on {'GPU' if on_gpu else 'CPU'}: {config.num_train} train / {config.num_eval} held-out problems")
+
+    model_config = ModelConfig(precision=config.demo_precision, lora_r=16, lora_alpha=32)
+    train_data = DataConfig(data_path=str(train_path), max_length=384)
+    dev_data = DataConfig(data_path=str(dev_path), max_length=384)
+    # One model for everything: the sampler and the evaluation's base are its sampler view.
+    model, tokenizer = load_model(model_config, gradient_checkpointing=on_gpu)
+
+    timings = {}
+    tick = time.time()
+    sample_common = dict(max_new_tokens=config.demo_max_new_tokens, seed=config.demo_seed)
+    sample_pool(model_config, train_data, SampleConfig(pool_dir=str(root / "pool-train"), num_negatives=B * config.demo_epochs,
+                                                       **sample_common), model=model, tokenizer=tokenizer)
+    sample_pool(model_config, dev_data, SampleConfig(pool_dir=str(root / "pool-dev"), num_negatives=B, **sample_common),
+                model=model, tokenizer=tokenizer)
+    timings["sample"] = time.time() - tick
+
+    tick = time.time()
+    dft_config = DFTConfig(
+        output_dir=str(root / "run"), method="dft2", pool_dir=str(root / "pool-train"), num_negatives_per_step=B,
+        num_train_epochs=config.demo_epochs, per_device_train_batch_size=4, learning_rate=config.demo_learning_rate,
+        seed=config.demo_seed, gradient_checkpointing=on_gpu, save_strategy="no", bf16=on_gpu and torch.cuda.is_bf16_supported(),
+    )
+    result = train(model_config, train_data, dft_config, model=model, tokenizer=tokenizer)
+    timings["train"] = time.time() - tick
+
+    tick = time.time()
+    eval_json = root / "run" / "eval.json"
+    results = evaluate(model_config, dev_data, EvalConfig(adapter_path=result.adapter_path, pool_dir=str(root / "pool-dev"),
+                                                          max_new_tokens=config.demo_max_new_tokens, json_path=str(eval_json)),
+                       model=model, tokenizer=tokenizer)
+    timings["eval"] = time.time() - tick
+
+    tick = time.time()
+    export_dir = export(model_config, ExportConfig(adapter_path=result.adapter_path, export_dir=str(root / "export"), overwrite=True))
+    timings["export"] = time.time() - tick
+
+    table = Table(title="dftlite demo: DFT2 QLoRA on SmolLM2-135M-Instruct")
+    table.add_column("held-out metric")
+    table.add_column("before (base)", justify="right")
+    table.add_column("after (DFT2)", justify="right")
+    for label, key, fmt in [("GSM8K accuracy", "accuracy", "{:.1%}"), ("win rate vs negatives", "win_rate", "{:.1%}"),
+                            ("gold log-lik / token", "gold_logp_per_token", "{:.3f}"),
+                            ("negative log-lik / token", "negative_logp_per_token", "{:.3f}")]:
+        table.add_row(label, fmt.format(results["base"][key]), fmt.format(results["adapter"][key]))
+    console.print(table)
+    outputs = {
+        "training run": result.output_dir,
+        "training curves": str(Path(result.output_dir) / "training_curves.png"),
+        "evaluation": str(eval_json),
+        "exported adapter + model card": str(export_dir),
+    }
+    for name, path in outputs.items():
+        console.print(f"{name:>30}: {path}")
+    total = time.time() - started
+    console.print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f", total {total:.0f}s")
+    return {"results": results, "outputs": outputs, "timings": timings, "total_seconds": total}
