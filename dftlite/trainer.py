@@ -1,6 +1,7 @@
 """`dftlite train`: Discriminative Fine-Tuning (DFT, DFT2) with LoRA/QLoRA, on one GPU or a CPU.
 
     dftlite train --config configs/smollm2-135m_gsm8k_dft2_cpu.yaml [--field value ...]
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m dftlite.cli train --config ...  # docs/multi_gpu.md
 
 DFT is *Discriminative* Fine-Tuning (Guo et al., ICML 2025, arXiv 2502.18679). It is not TRL's
 `loss_type="dft"`, which is *Dynamic* Fine-Tuning, an unrelated method.
@@ -38,6 +39,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from dftlite.config import ConfigError
 from dftlite.data import DataConfig, load_data
 from dftlite.dft_config import DFTConfig
 from dftlite.draws import Group, NegativeDraws, Split, load_split, micro_batches, pad_groups
@@ -72,13 +74,18 @@ def scoring_as_forward(module):
 
 
 class SaveOnInterrupt(TrainerCallback):
-    """Ctrl-C: finish the current step, save a checkpoint, stop. A second Ctrl-C aborts at once."""
+    """Ctrl-C: finish the current step, save a checkpoint, stop. A second Ctrl-C aborts at once.
+
+    With several processes the signal may reach only some of them, or reach them in different
+    steps; each step's all-gather (`DFTTrainer._sync_state`) sets `agreed` on every process, and
+    all act on that, so they stop at the same step instead of leaving the others in a collective."""
 
     def __init__(self):
         self.requested, self.stopped_at, self._previous, self._installed = False, None, None, False
+        self.agreed = None  # None: one process, act on `requested`
 
     def install(self):
-        self.requested, self.stopped_at = False, None
+        self.requested, self.stopped_at, self.agreed = False, None, None
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
             self._previous = signal.getsignal(signal.SIGINT)
             signal.signal(signal.SIGINT, self._handle)
@@ -99,7 +106,8 @@ class SaveOnInterrupt(TrainerCallback):
         sys.stderr.write("\nInterrupt: saving a checkpoint after this step, then stopping (Ctrl-C again to abort now)\n")
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested and self.stopped_at is None:
+        requested = self.requested if self.agreed is None else self.agreed
+        if requested and self.stopped_at is None:
             control.should_save = control.should_training_stop = True
             self.stopped_at = state.global_step
         return control
@@ -137,6 +145,13 @@ class DFTTrainer(Trainer):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.uses_u = args.method in ("dft", "dft2")
         per_draw = 0 if args.method == "sft" else args.num_negatives_per_step
+        self._check_whole_batches(len(train_split))
+        if self.is_deepspeed_enabled and args.token_budget:
+            # accelerate's DeepSpeed backward steps the optimizer at every backward of a synced step
+            raise ConfigError("DeepSpeed needs token_budget: 0 (one backward per step); to save memory lower "
+                              "per_device_train_batch_size and raise gradient_accumulation_steps instead")
+        # DeepSpeed would divide by the accumulation steps a second time; transformers' own step passes the same
+        self._backward_kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}
         self.log_u = LogUTable(len(train_split), init=args.u_init)
         self.draws = self._draws(train_split, per_draw)
         if per_draw:
@@ -149,6 +164,23 @@ class DFTTrainer(Trainer):
                 self.eval_draws.check_capacity(1, what="evaluation")
         self._metric_sums = {"train": {}, "eval": {}}  # name -> Σ value × prompts, and "_prompts", "_tokens"
         self._last_log_time = None
+        self._failure = None  # several processes: a NonFiniteLossError held until all processes know (see _fail)
+
+    def _check_whole_batches(self, num_examples: int):
+        """Several processes: refuse a last batch that accelerate would even out with repeats.
+
+        accelerate (even_batches) fills the short last batch of an epoch with examples from that
+        epoch's first batch; they would be trained, drawn and written into u a second time."""
+        args = self.args
+        global_batch = args.per_device_train_batch_size * args.world_size
+        if args.world_size > 1 and not args.dataloader_drop_last and num_examples % global_batch:
+            raise ConfigError(
+                f"{num_examples} training examples do not fill whole global batches of {global_batch} prompts "
+                f"({args.per_device_train_batch_size} per device × {args.world_size} processes), and accelerate would "
+                "fill each epoch's last batch with examples already trained in that epoch. Set dataloader_drop_last: "
+                f"true (each epoch then leaves out {num_examples % global_batch} examples, different ones each time), "
+                "or a per_device_train_batch_size that divides the data evenly."
+            )
 
     def _draws(self, split: Split, per_draw: int) -> NegativeDraws:
         counts = [len(negatives) for negatives in split.negatives]
@@ -184,18 +216,35 @@ class DFTTrainer(Trainer):
         # the Trainer sums what training_step returns over accumulation steps: scale like its own step
         scale = 1.0 / self.current_gradient_accumulation_steps
         loss, new_log_u = self._forward(model, groups, indices, train=True, scale=scale)
-        self._sync_state(indices, new_log_u)
         if self.accelerator.sync_gradients and self.accelerator.scaler is None:
             self._check_gradients(model)
+        self._sync_state(indices, new_log_u)
         return loss * scale
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluation: the same loss and metrics on held-out prompts; never touches the u table or draws."""
+        """Evaluation: the same loss and metrics on held-out prompts; never touches the u table or draws.
+
+        Several processes: accelerate pads the last batch with repeats, which `gather_for_metrics`
+        drops from the Trainer's eval_loss; they are left out here too (the loss returned is the mean
+        over the real prompts). A batch of repeats only is still scored (an FSDP forward is collective),
+        and counted as zero prompts."""
         indices = inputs["eval_index"].cpu()
+        real = indices[~self._padding(len(indices))]
+        counted = len(real) > 0
+        indices = real if counted else indices[:1]
         groups = self._groups(self.eval_split, indices, [self.eval_draws.positions(i, draw=0) for i in indices.tolist()])
         with torch.no_grad():
-            loss, _ = self._forward(model, groups, indices, train=False)
+            loss, _ = self._forward(model, groups, indices, train=False, counted=counted)
         return loss.detach(), None, None
+
+    def _padding(self, batch_size: int) -> torch.Tensor:
+        """(batch_size,) bool: the items of this process's last batch that accelerate added as padding.
+
+        The gathered last batch is [process 0's items, process 1's, ...]; its first `remainder` are real."""
+        state, padding = self.accelerator.gradient_state, torch.zeros(batch_size, dtype=torch.bool)
+        if self.accelerator.num_processes > 1 and state.end_of_dataloader and state.remainder > 0:
+            padding = self.accelerator.process_index * batch_size + torch.arange(batch_size) >= state.remainder
+        return padding
 
     def _groups(self, split: Split, indices: torch.Tensor, positions: list[list[int]]) -> list[Group]:
         key = "logp_train_prompt" if self.args.reference == "train_prompt" else "logp_sampler"
@@ -206,12 +255,13 @@ class DFTTrainer(Trainer):
                                 [r[key] for r in records if self.args.method == "dft"]))
         return groups
 
-    def _forward(self, model, groups: list[Group], indices: torch.Tensor, train: bool, scale: float = 1.0):
+    def _forward(self, model, groups: list[Group], indices: torch.Tensor, train: bool, scale: float = 1.0,
+                 counted: bool = True):
         """Score the groups micro-batch by micro-batch; backward each when training.
 
         Returns (the step's loss, detached; (S,) float64 new log u or None). The micro-batch
         losses are weighted so that their sum is the loss of the whole step (mean over prompts;
-        SFT terms: over positive tokens)."""
+        SFT terms: over positive tokens). counted=False: the metrics count zero prompts."""
         args, num_prompts = self.args, len(groups)
         device = self.args.device
         if self.uses_u and train:
@@ -245,7 +295,7 @@ class DFTTrainer(Trainer):
                 )
                 self._check_finite(mb_groups, logps, loss, mb_log_u, train)
                 if train:
-                    self.accelerator.backward(loss * scale)
+                    self.accelerator.backward(loss * scale, **self._backward_kwargs)
             step_loss = step_loss + loss.detach()
             if mb_log_u is not None:
                 new_log_u[members] = mb_log_u.detach().cpu()
@@ -254,7 +304,7 @@ class DFTTrainer(Trainer):
             if rows > 1:
                 metrics["neg_logp_per_token"] = per_token[:, 1:].mean()
             tokens = sum(len(g.prompt_ids) + len(c) for g in mb_groups for c in g.completions)
-            self._record("train" if train else "eval", metrics, len(members), tokens)
+            self._record("train" if train else "eval", metrics, len(members) if counted else 0, tokens if counted else 0)
         return step_loss, new_log_u
 
     def _sequence_logprobs(self, model, input_ids, attention_mask, completion_mask):
@@ -308,31 +358,47 @@ class DFTTrainer(Trainer):
             self._fail("non-finite gradients (finite loss)", train=True)
 
     def _fail(self, what: str, train: bool):
+        """Raise NonFiniteLossError; with several processes, hold it until the step's (or the
+        evaluation's) all-gather, where every process raises: one raising alone would leave the
+        others waiting in a collective."""
         where = f"step {self.state.global_step + 1}" if train else f"evaluation after step {self.state.global_step}"
         last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
-        raise NonFiniteLossError(
+        error = NonFiniteLossError(
             f"{where}: {what}. Training stopped before the optimizer step; nothing was saved for this step. "
             f"Last good checkpoint: {last or 'none'}. Lower learning_rate, or check the data and the pool."
+        )
+        if self.accelerator.num_processes == 1:
+            raise error
+        self._failure = self._failure or error
+
+    def _raise_held_failure(self, failed_anywhere: bool, train: bool):
+        """Several processes: raise on every process once the all-gather shows that one failed."""
+        if not failed_anywhere:
+            return
+        error, self._failure = self._failure, None
+        where = f"step {self.state.global_step + 1}" if train else f"evaluation after step {self.state.global_step}"
+        raise error or NonFiniteLossError(
+            f"{where}: another process found non-finite values (its error says which). "
+            "Training stopped before the optimizer step; nothing was saved for this step."
         )
 
     def _sync_state(self, indices: torch.Tensor, new_log_u: torch.Tensor | None):
         """Write the step's new log u and draw counts on every process.
 
         Each process all-gathers (example index, new log u) so all hold the complete, identical u
-        table and draw state; checkpoints then resume with any number of processes."""
+        table and draw state; checkpoints then resume with any number of processes. The same
+        gather tells every process whether any hit a non-finite value (all raise) or got Ctrl-C
+        (all stop after this step)."""
         values = new_log_u if new_log_u is not None else torch.full((len(indices),), float("nan"), dtype=torch.float64)
-        rows = torch.stack([indices.double(), values], dim=1)  # (S, 2)
+        flags = torch.tensor([float(self._failure is not None), float(self.interrupt.requested)], dtype=torch.float64)
+        rows = torch.cat([indices.double()[:, None], values[:, None], flags.expand(len(indices), 2)], dim=1)  # (S, 4)
         if self.accelerator.num_processes > 1:
             rows = self.accelerator.pad_across_processes(rows.to(self.accelerator.device), dim=0, pad_index=-1)
             rows = self.accelerator.gather(rows).cpu()
             rows = rows[rows[:, 0] >= 0]
-            # accelerate's even_batches can repeat an example on two processes at an epoch's end: count it once
-            seen, keep = set(), []
-            for n, index in enumerate(rows[:, 0].long().tolist()):
-                if index not in seen:
-                    seen.add(index)
-                    keep.append(n)
-            rows = rows[keep]
+            self._raise_held_failure(bool((rows[:, 2] > 0).any()), train=True)
+            self.interrupt.agreed = bool((rows[:, 3] > 0).any())
+            # distinct examples: _check_whole_batches rules out accelerate's repeats in an epoch's last batch
         index = rows[:, 0].long()
         if new_log_u is not None:
             self.log_u.update(index, rows[:, 1])
@@ -356,8 +422,10 @@ class DFTTrainer(Trainer):
         if sums:
             names = sorted(sums)
             totals = torch.tensor([sums[n] for n in names], dtype=torch.float64)
-            if self.accelerator.num_processes > 1:
-                totals = self.accelerator.gather(totals.to(self.accelerator.device)).view(-1, len(names)).sum(0).cpu()
+            if self.accelerator.num_processes > 1:  # + whether this process held a non-finite evaluation
+                totals = torch.cat([totals, torch.tensor([float(self._failure is not None)], dtype=torch.float64)])
+                totals = self.accelerator.gather(totals.to(self.accelerator.device)).view(-1, len(names) + 1).sum(0).cpu()
+                self._raise_held_failure(totals[-1].item() > 0, train=False)
             total = dict(zip(names, totals.tolist()))
             prefix = "" if mode == "train" else "eval_"
             logs.update({prefix + n: v / total["_prompts"] for n, v in total.items() if not n.startswith("_")})

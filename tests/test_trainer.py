@@ -250,5 +250,8 @@ def test_shipped_train_config_parses():
     path = REPO / "configs" / "smollm2-135m_gsm8k_dft2_cpu.yaml"
     first_line = path.read_text().splitlines()[0]
     assert first_line.startswith("#") and "dftlite sample --config" in first_line and "dftlite train --config" in first_line
-    model_config, data_config, dft_config = parse_args([ModelConfig, DataConfig, DFTConfig], ["--config", str(path)])
+    from dftlite.cli import _recipe_types
+
+    model_config, data_config, dft_config = parse_args([ModelConfig, DataConfig, DFTConfig], ["--config", str(path)],
+                                                       shared_types=_recipe_types())
     assert dft_config.method == "dft2" and dft_config.pool_dir and (REPO / data_config.data_path).is_file()

@@ -1,0 +1,254 @@
+"""Two processes under `accelerate launch` (DDP on CPU, gloo) train exactly like one process with the same global batch.
+
+    python -m pytest tests/test_multiprocess.py        # about a minute on 2 CPU cores
+
+The fixture launches this file as a script, once, in 2 processes, with the shipped DDP config:
+
+    accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 --mixed_precision no \
+        tests/test_multiprocess.py WORKDIR
+
+(`--cpu --num_processes 2` would start a single process: accelerate runs several CPU processes only
+through mpirun. The DDP config runs torchrun, and `use_cpu: true` makes each process train on the CPU
+with gloo.) In that launch each process runs, in turn: (a) `dftlite train`, 4 steps of S = 2 prompts
+per process, micro-batches of one prompt, a checkpoint at step 3 and an evaluation on 3 held-out prompts
+(so accelerate pads the last evaluation batch); (b) a NaN that only process 1 sees; (c) a Ctrl-C that
+only process 1 gets; (d) data that does not fill whole global batches. The tests compare (a) with one
+process of S = 4, resume (a)'s step-3 checkpoint on one process, and check that (b)-(d) stop both
+processes alike instead of hanging. The last test loads every shipped accelerate config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, write_jsonl
+
+TRAIN_PAIRS = [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4), (6, 1), (8, 3)]
+EVAL_PAIRS = [(2, 3), (5, 1), (9, 9)]  # 3: the last evaluation batch of 2 processes × 2 is padded
+STEP_KEYS = ("loss", "grad_norm", "learning_rate", "log_u_mean", "log_g_hat_mean", "pos_logp_per_token",
+             "neg_logp_per_token", "weight_mean", "weight_entropy")  # not weight_max: a max per micro-batch
+EVAL_KEYS = ("eval_loss", "eval_pos_logp_per_token", "eval_neg_logp_per_token", "eval_sft_part", "eval_neg_part")
+ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
+LAUNCH_TIMEOUT_S = 300  # a hang shows up as a failure, not a stuck test run
+
+
+def _rows(pairs):
+    return [{"prompt": f"What is {a} + {b}?", "completion": f"{a} + {b} = {a + b}"} for a, b in pairs]
+
+
+def train_argv(workdir: Path, output_dir: Path, **overrides) -> list[str]:
+    """`dftlite train` arguments: fp32 on CPU, no dropout (its masks would differ between the two layouts)."""
+    settings = dict(
+        model_name_or_path=workdir / "model", precision="fp32", lora_r=8, lora_dropout=0.0,
+        data_path=workdir / "train.jsonl", pool_dir=workdir / "pool", eval_data_path=workdir / "eval.jsonl",
+        eval_pool_dir=workdir / "eval_pool", per_device_eval_batch_size=2, output_dir=output_dir, use_cpu=True,
+        learning_rate=1e-2, seed=0, u_init="first_batch", max_steps=4, save_strategy="steps", save_steps=3,
+        disable_tqdm=True, report_to="none", ddp_timeout=120,
+    )
+    settings.update(overrides)
+    return [item for key, value in settings.items() for item in (f"--{key}", str(value))]
+
+
+# ---- the launched side: runs in each process -------------------------------------------------
+
+
+def drive(workdir: Path):
+    """(a)-(d) of the module docstring; writes what each process saw to WORKDIR/rank{N}.json."""
+    from transformers import TrainerCallback
+
+    from dftlite.cli import main
+    from dftlite.config import ConfigError, parse_args
+    from dftlite.data import DataConfig
+    from dftlite.models import ModelConfig
+    from dftlite.trainer import DFTConfig, NonFiniteLossError, build_trainer
+
+    rank, seen = int(os.environ["RANK"]), {}
+
+    def trainer_for(output_dir, callbacks=(), **overrides):
+        argv = train_argv(workdir, workdir / output_dir, **overrides)
+        model_config, data_config, dft_config = parse_args([ModelConfig, DataConfig, DFTConfig], argv)
+        return build_trainer(model_config, data_config, dft_config, callbacks=list(callbacks))
+
+    class OnProcessOne(TrainerCallback):
+        def __init__(self, step, action):
+            self.step, self.action = step, action
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if rank == 1 and state.global_step == self.step:
+                self.action(model)
+
+    def poison(model):
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+
+    # (a) the CLI, S = 2 per process, one prompt per micro-batch (so DDP's no_sync path runs)
+    seen["train_exit"] = main(["train", *train_argv(workdir, workdir / "two", per_device_train_batch_size=2,
+                                                    token_budget=1)])
+    # (b) process 1's adapter turns NaN before step 3: both processes must raise, before saving step 3
+    trainer = trainer_for("nan", [OnProcessOne(2, poison)], per_device_train_batch_size=2, save_steps=1)
+    try:
+        trainer.train()
+    except NonFiniteLossError as err:
+        seen["nan"] = str(err)
+    # (c) Ctrl-C on process 1 only, as step 2 begins: both stop after step 2 and save checkpoint-2
+    sigint = OnProcessOne(1, lambda model: os.kill(os.getpid(), signal.SIGINT))
+    trainer = trainer_for("interrupted", [sigint], per_device_train_batch_size=2, save_strategy="no")
+    trainer.train()
+    seen["interrupted_at"] = trainer.interrupt.stopped_at
+    # (d) 8 examples do not fill global batches of 2 × 3
+    try:
+        trainer_for("uneven", per_device_train_batch_size=3)
+    except ConfigError as err:
+        seen["uneven"] = str(err)
+    (workdir / f"rank{rank}.json").write_text(json.dumps(seen))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    drive(Path(sys.argv[1]))
+    sys.exit(0)
+
+
+# ---- the tests ------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matrices: with other jobs on the 2 cores, OpenMP threads mostly wait on each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    """Pools, the 2-process launch, and the 1-process run of the same global batch (S = 4)."""
+    from dftlite.cli import main
+    from dftlite.data import DataConfig
+    from dftlite.models import ModelConfig, load_model
+    from dftlite.sampling import SampleConfig, sample_pool
+
+    workdir = tmp_path_factory.mktemp("multiprocess")
+    shutil.copytree(tiny_model_dir, workdir / "model")
+    write_jsonl(workdir / "train.jsonl", _rows(TRAIN_PAIRS))
+    write_jsonl(workdir / "eval.jsonl", _rows(EVAL_PAIRS))
+    model_config = ModelConfig(model_name_or_path=str(workdir / "model"), precision="fp32", lora_r=8)
+    model, tokenizer = load_model(model_config)
+    for data, pool, negatives in (("train", "pool", 8), ("eval", "eval_pool", 2)):
+        sample = SampleConfig(pool_dir=str(workdir / pool), num_negatives=negatives, max_new_tokens=10)
+        sample_pool(model_config, DataConfig(data_path=str(workdir / f"{data}.jsonl")), sample, model, tokenizer)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / "ddp.yaml"),
+              "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+              __file__, str(workdir)]
+    launcher = subprocess.Popen(launch, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = launcher.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        launcher.terminate()  # SIGTERM, which torchrun passes on to the processes it started (SIGKILL would orphan them)
+        output, _ = launcher.communicate(timeout=60)
+        pytest.fail(f"accelerate launch still running after {LAUNCH_TIMEOUT_S} s (a hang?):\n{output[-8000:]}")
+    assert launcher.returncode == 0, f"accelerate launch failed ({launcher.returncode}):\n{output[-8000:]}"
+
+    assert main(["train", *train_argv(workdir, workdir / "one", per_device_train_batch_size=4)]) == 0
+    return workdir
+
+
+def _history(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in open(output_dir / "log_history.jsonl")]
+
+
+def _steps(output_dir: Path) -> dict[int, dict]:
+    return {entry["step"]: entry for entry in _history(output_dir) if "loss" in entry}
+
+
+def _final_eval(output_dir: Path) -> dict:
+    return [entry for entry in _history(output_dir) if "eval_loss" in entry][-1]
+
+
+def _assert_same_run(run: Path, reference: Path, steps):
+    """Per-step metrics, the final evaluation, the u table and draw state, and the adapter agree."""
+    got, want = _steps(run), _steps(reference)
+    for step in steps:
+        for key in STEP_KEYS:
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-4, abs=1e-6), (step, key)
+    got_eval, want_eval = _final_eval(run), _final_eval(reference)
+    for key in EVAL_KEYS:
+        assert got_eval[key] == pytest.approx(want_eval[key], rel=1e-4, abs=1e-6), key
+    state = load_file(str(run / "dft_state.safetensors"))
+    reference_state = load_file(str(reference / "dft_state.safetensors"))
+    assert torch.equal(state["visits"], reference_state["visits"]) and state["visits"].sum() == 16  # 4 steps × 4 prompts
+    assert torch.equal(state["draws_taken"], reference_state["draws_taken"])
+    assert torch.allclose(state["log_u"], reference_state["log_u"], rtol=1e-6, atol=1e-5)
+    adapter = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    reference_adapter = load_file(str(reference / "adapter" / "adapter_model.safetensors"))
+    assert adapter.keys() == reference_adapter.keys()
+    assert all(torch.allclose(adapter[k], reference_adapter[k], rtol=1e-4, atol=1e-6) for k in adapter)
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(runs):
+    _assert_same_run(runs / "two", runs / "one", steps=range(1, 5))
+    checkpoint = runs / "two" / "checkpoint-3"  # written by process 0, holding both processes' u and draws
+    assert sorted(p.name for p in checkpoint.glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    state = load_file(str(checkpoint / "dft_state.safetensors"))
+    assert state["visits"].sum() == 12 and state["draws_taken"].sum() == 12  # 3 steps × 4 prompts
+    assert sorted(state["visits"].tolist()) == [1, 1, 1, 1, 2, 2, 2, 2]  # mid epoch 2
+
+
+def test_two_process_checkpoint_resumes_on_one_process(runs):
+    from dftlite.cli import main
+
+    resumed = runs / "resumed"
+    shutil.copytree(runs / "two" / "checkpoint-3", resumed / "checkpoint-3")
+    argv = train_argv(runs, resumed, per_device_train_batch_size=4, resume_from_checkpoint=resumed / "checkpoint-3")
+    assert main(["train", *argv]) == 0
+    assert sorted(_steps(resumed)) == [1, 2, 3, 4]  # 1-3 from the 2-process run's trainer_state.json
+    _assert_same_run(resumed, runs / "one", steps=range(1, 5))
+
+
+def test_a_nan_or_ctrl_c_on_one_process_stops_both(runs):
+    seen = [json.loads((runs / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [s["train_exit"] for s in seen] == [0, 0]
+    # NaN on process 1 in step 3: process 1 names it, process 0 sees the NaN gradients it received
+    assert seen[1]["nan"].startswith("step 3: non-finite positive log-probs")
+    assert seen[0]["nan"].startswith("step 3: non-finite gradients")
+    assert sorted(p.name for p in (runs / "nan").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    # Ctrl-C on process 1 only: both stop after the same step, and its checkpoint is complete
+    assert [s["interrupted_at"] for s in seen] == [2, 2]
+    checkpoint = runs / "interrupted" / "checkpoint-2"
+    assert (checkpoint / "trainer_state.json").is_file()
+    assert load_file(str(checkpoint / "dft_state.safetensors"))["visits"].sum() == 8  # 2 steps × 4 prompts
+
+
+def test_data_that_does_not_fill_global_batches_is_refused(runs):
+    for rank in (0, 1):
+        message = json.loads((runs / f"rank{rank}.json").read_text())["uneven"]
+        assert "global batches of 6 prompts" in message and "dataloader_drop_last: true" in message
+
+
+@pytest.mark.parametrize("path", sorted(ACCELERATE_CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_accelerate_configs_load(path):
+    """accelerate reads each config; its nested keys are launch options; its first line is its command."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.launch import launch_command_parser
+
+    config = ClusterConfig.from_yaml_file(str(path))  # unknown top-level keys are errors here
+    options = {action.dest for action in launch_command_parser()._actions}
+    nested = {**{k if k.startswith("fsdp_") else f"fsdp_{k}": v for k, v in (config.fsdp_config or {}).items()},
+              **(config.deepspeed_config or {})}
+    assert set(nested) <= options, sorted(set(nested) - options)
+    assert config.mixed_precision == "bf16" and config.num_processes >= 2
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith(f"# accelerate launch --config_file configs/accelerate/{path.name} -m dftlite.cli train")
