@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         HANDLERS[args.command](argv[1:])
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as err:
+    except (ConfigError, DataError, OSError) as err:  # bad input, or the disk: a message, not a traceback
         from rich.console import Console
         from rich.text import Text
 

@@ -119,12 +119,37 @@ def _read_parquet(path: Path) -> Iterable[tuple[str, Any]]:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises several types for broken files
         raise DataError(f"{path}: cannot read Parquet file ({err})") from None
-    for index, record in enumerate(table.to_pylist()):
+    try:
+        records = table.to_pylist()
+    except UnicodeDecodeError as err:  # a string column holding bytes that are not UTF-8
+        row, column = _bad_utf8_cell(table)
+        raise DataError(f"{path} row {row}: field {column!r} is not valid UTF-8 ({err.reason})") from None
+    for index, record in enumerate(records):
         yield f"{path} row {index}", record
 
 
+def _bad_utf8_cell(table) -> tuple[int, str]:
+    """(row, column) of the first cell that does not decode: only called once decoding failed."""
+    return next((row, column) for row in range(table.num_rows) for column in table.column_names
+                if _fails_to_decode(lambda: table.column(column).slice(row, 1).to_pylist()))
+
+
+def _fails_to_decode(convert) -> bool:
+    try:
+        convert()
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
 def _read_dataset(dataset, name: str) -> Iterable[tuple[str, Any]]:
-    for index, record in enumerate(dataset):
+    try:
+        records = list(dataset)
+    except UnicodeDecodeError as err:  # rows are decoded in batches: find the cell
+        row, column = next((row, column) for row in range(len(dataset)) for column in dataset.column_names
+                           if _fails_to_decode(lambda: dataset.select_columns([column])[row]))
+        raise DataError(f"{name} row {row}: field {column!r} is not valid UTF-8 ({err.reason})") from None
+    for index, record in enumerate(records):
         yield f"{name} row {index}", record
 
 
@@ -144,7 +169,10 @@ def read_records(source, split: str = "train") -> list[tuple[str, Any]]:
             raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
         return list(readers[suffix](path))
     if path.is_dir():
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as err:  # truncated or foreign Arrow files raise several pyarrow/datasets types
+            raise DataError(f"{path}: cannot read the saved dataset ({type(err).__name__}: {err})") from None
     elif str(source) and not str(source).startswith((".", "/")) and "/" in str(source):
         loaded = datasets.load_dataset(str(source), split=split)
     else:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from dftlite.config import to_dict
+from dftlite.config import make_dir, to_dict, write_text_atomic
 from dftlite.data import DataConfig, DataError, Example, encode_answer, encode_prompt, load_data, render_prompt
 from dftlite.models import ModelConfig, load_base_model, load_model, sampler_view
 
@@ -298,6 +298,8 @@ def evaluate(model_config: ModelConfig, data_config: DataConfig, eval_config: Ev
     and, with a pool, those of `discrimination`.
     """
     examples = load_data(data_config)
+    if eval_config.json_path is not None:  # fail now, not after the evaluation, when it cannot be written
+        make_dir(Path(eval_config.json_path).parent, "directory of json_path")
     if model is None or tokenizer is None:
         if eval_config.adapter_path is not None:
             model, tokenizer = load_model(model_config, adapter_path=eval_config.adapter_path, trainable=False)
@@ -333,9 +335,7 @@ def evaluate(model_config: ModelConfig, data_config: DataConfig, eval_config: Ev
         results[name] = result
 
     if eval_config.json_path is not None:
-        path = Path(eval_config.json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomic(eval_config.json_path, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     if eval_config.json:
         print(json.dumps(results, indent=2, ensure_ascii=False))
     else:

@@ -40,7 +40,7 @@ from typing import Literal
 import torch
 import yaml
 
-from dftlite.config import ConfigError, save_resolved_config
+from dftlite.config import ConfigError, disk_full_error, make_dir, save_resolved_config
 from dftlite.models import ModelConfig, load_base_model, load_tokenizer, resolve_model_path, resolve_model_source
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def export(model_config: ModelConfig, export_config: ExportConfig) -> Path:
             training_config["model_name_or_path"], training_config_path, model_config.model_name_or_path,
         )
 
-    export_dir.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(export_dir.parent, "parent directory of export_dir")
     tmp = Path(tempfile.mkdtemp(dir=export_dir.parent, prefix=f".{export_dir.name}.tmp-"))
     try:
         _copy_adapter(adapter_dir, tmp)
@@ -144,6 +144,11 @@ def export(model_config: ModelConfig, export_config: ExportConfig) -> Path:
         if export_dir.exists():  # empty, or overwrite: checked above
             shutil.rmtree(export_dir)
         os.replace(tmp, export_dir)
+    except Exception as err:
+        full = disk_full_error(err, export_dir, "the export")
+        if full is not None:
+            raise full from err
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

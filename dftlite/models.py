@@ -195,9 +195,24 @@ def load_base_model(config: ModelConfig):
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if config.precision == "4bit" and not torch.cuda.is_available():
+        _keep_4bit_trainable_on_cpu(model)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _keep_4bit_trainable_on_cpu(model):
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit's weight in place at its first
+    eval-mode forward without gradients (what `sampler_view` does) and from then on uses a kernel with
+    no backward, so later training steps get wrong gradients through the frozen base. The cost of
+    turning it off is slower 4-bit inference on such CPUs.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def attach_lora(model, config: ModelConfig, gradient_checkpointing: bool = False):
@@ -266,14 +281,58 @@ def sampler_view(model):
         model.train(was_training)
 
 
+def _sampled_digest(path: Path, blocks: int = 64, block: int = 1 << 16) -> str:
+    """Digest of a file's size and `blocks` blocks spread evenly over it: a few MiB read at most,
+    whatever the size, and a fine-tune changes most tensors, so it changes some sampled block."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as handle:
+        if size <= blocks * block:
+            digest.update(handle.read())
+        else:
+            for number in range(blocks):
+                handle.seek(number * (size - block) // (blocks - 1))
+                digest.update(handle.read(block))
+    return digest.hexdigest()
+
+
+def _weights_digest(name_or_path: str) -> str | None:
+    """Digest of the weight files a model was loaded from (a local directory, or a Hub id's cached
+    snapshot); None when they cannot be found. Two models in directories of the same name differ here."""
+    if not name_or_path:
+        return None
+    directory = Path(name_or_path)
+    if not directory.is_dir():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            config_file = try_to_load_from_cache(name_or_path, "config.json")
+        except Exception:  # not a Hub id, or no cache
+            config_file = None
+        if not isinstance(config_file, str):
+            return None
+        directory = Path(config_file).parent
+    files = sorted(p for p in directory.iterdir() if p.is_file() and (
+        p.suffix == ".safetensors" or (p.suffix == ".bin" and p.name.startswith("pytorch_model"))))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}\0{_sampled_digest(path)}\0".encode())
+    return digest.hexdigest()[:16]
+
+
 def model_fingerprint(model, tokenizer) -> dict:
     """What identifies the model and tokenizer a pool was made with (compared on reuse)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     vocab = tokenizer.get_vocab()
     vocab_digest = hashlib.sha256("\n".join(f"{k}\t{v}" for k, v in sorted(vocab.items())).encode()).hexdigest()[:16]
+    name_or_path = str(getattr(base.config, "_name_or_path", ""))
     return {
-        # The last path component, so the same model under another cache or checkout path still matches.
-        "model": Path(str(getattr(base.config, "_name_or_path", ""))).name,
+        # The last path component, so the same model under another cache or checkout path still matches;
+        # the weights digest tells apart different models stored under the same name.
+        "model": Path(name_or_path).name,
+        "weights_digest": _weights_digest(name_or_path),
         "model_type": base.config.model_type,
         "vocab_size": int(base.config.vocab_size),
         "tokenizer_digest": vocab_digest,

@@ -10,6 +10,7 @@ extra (`pip install dftlite[plot]`); without it no PNG is written.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -46,5 +47,10 @@ def plot_training_curves(log_history: list[dict], path: str | Path) -> Path | No
             ax.legend(fontsize=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    tmp = path.with_name(path.name + ".tmp")
+    try:  # through a temporary file: a full disk leaves no half-written image
+        figure.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

@@ -18,10 +18,11 @@ Pool directory:
                  text), logp_sampler = Σ_t log P_g0(y'_t | x̄, y'_<t) at temperature 1 from the raw
                  logits, logp_train_prompt (the same under the training prompt x, or null), gold_duplicate.
 
-Nothing lost, nothing mixed: each batch is appended with one write() + fsync, so a crash leaves at
+Nothing lost, nothing mixed: each batch is appended whole, then fsynced, so a crash leaves at
 most a partial last line (no trailing newline), which `load_pool` ignores and `sample_pool`
-truncates before appending. Rerunning resumes: finished (id, k) pairs are skipped. Different
-model, tokenizer, template, sampler prompt or sampling settings raise PoolMismatchError.
+truncates before appending; a write that fails (a full disk) is cut back to the last whole batch.
+Rerunning resumes: finished (id, k) pairs are skipped. Different model (name or weight files),
+tokenizer, template, sampler prompt or sampling settings raise PoolMismatchError.
 num_negatives may grow on resume (the pool is extended with new k), never shrink.
 
 Sampling is seeded per (seed, id, k), so a completion does not depend on the batch it ran in, with
@@ -45,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from dftlite.config import ConfigError, save_resolved_config
+from dftlite.config import ConfigError, make_dir, save_resolved_config, write_text_atomic
 from dftlite.data import DataConfig, DataError, encode_prompt, load_data, render_prompt
 from dftlite.models import ModelConfig, load_model, model_fingerprint, sampler_view
 
@@ -318,9 +319,7 @@ def score_completions(model, prompt_ids: list[list[int]], completion_ids: list[l
 
 
 def _write_meta(pool_dir: Path, meta: dict):
-    tmp = pool_dir / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, pool_dir / META_FILE)
+    write_text_atomic(pool_dir / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
 
 
 def _truncate_partial_line(path: Path) -> int:
@@ -346,12 +345,25 @@ def _truncate_partial_line(path: Path) -> int:
 
 
 def _append_records(path: Path, records: list[dict]):
-    """One write() of all lines, then fsync: a kill leaves at most a partial last line."""
-    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
+    """Append whole lines, then fsync: a kill leaves at most a partial last line.
+
+    A failed write (a full disk, a quota) is undone: the file is cut back to where this batch
+    began, so it holds only complete batches, and the error says so."""
+    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    with open(path, "ab", buffering=0) as handle:  # unbuffered: nothing is left to flush at close after an error
+        start = handle.seek(0, os.SEEK_END)
+        try:
+            view = memoryview(payload)
+            while view:  # a raw write may take only part of the payload
+                view = view[handle.write(view):]
+            os.fsync(handle.fileno())
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.ftruncate(handle.fileno(), start)
+            raise OSError(
+                err.errno, f"{err.strerror} while appending {len(records)} records to {path}; the pool keeps its "
+                "complete records, and rerunning `dftlite sample` resumes from them"
+            ) from err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,7 +478,7 @@ def sample_pool(model_config: ModelConfig, data_config: DataConfig, sample_confi
     prompts = _prepare_prompts(model, tokenizer, examples, template, config)
 
     pool_dir = Path(config.pool_dir)
-    pool_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(pool_dir, "pool directory")
     meta = {
         "format_version": FORMAT_VERSION,
         "fingerprint": model_fingerprint(model, tokenizer),

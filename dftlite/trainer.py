@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -37,9 +38,10 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from dftlite.config import ConfigError
+from dftlite.config import ConfigError, disk_full_error, write_text_atomic
 from dftlite.data import DataConfig, load_data
 from dftlite.dft_config import DFTConfig
 from dftlite.draws import Group, NegativeDraws, Split, load_split, micro_batches, pad_groups
@@ -54,6 +56,26 @@ STATE_FORMAT_VERSION = 1
 
 class NonFiniteLossError(RuntimeError):
     """A NaN or inf in a step's scores, loss or gradients; raised before the optimizer step."""
+
+
+def is_complete_checkpoint(directory) -> bool:
+    """Whether a checkpoint was saved to the end: its trainer_state.json, written last, parses. A kill or
+    a full disk during the save leaves a directory without it (or with half of it)."""
+    directory = Path(directory)
+    if not ((directory / DFT_STATE).is_file() and (directory / DFT_STATE_META).is_file()):
+        return False
+    try:
+        json.loads((directory / TRAINER_STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(output_dir) -> str | None:
+    """The complete checkpoint-N of output_dir with the highest N, or None."""
+    prefix = f"{PREFIX_CHECKPOINT_DIR}-"
+    steps = sorted((int(p.name[len(prefix):]), p) for p in Path(output_dir).glob(f"{prefix}*") if p.name[len(prefix):].isdigit())
+    return next((str(path) for _, path in reversed(steps) if is_complete_checkpoint(path)), None)
 
 
 @contextlib.contextmanager
@@ -362,7 +384,7 @@ class DFTTrainer(Trainer):
         evaluation's) all-gather, where every process raises: one raising alone would leave the
         others waiting in a collective."""
         where = f"step {self.state.global_step + 1}" if train else f"evaluation after step {self.state.global_step}"
-        last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        last = last_complete_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
         error = NonFiniteLossError(
             f"{where}: {what}. Training stopped before the optimizer step; nothing was saved for this step. "
             f"Last good checkpoint: {last or 'none'}. Lower learning_rate, or check the data and the pool."
@@ -438,13 +460,35 @@ class DFTTrainer(Trainer):
 
     # ---- checkpoints ----------------------------------------------------------------------
 
-    def _save_checkpoint(self, model, trial):
-        # our state first: a checkpoint whose trainer_state.json exists is complete
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        """The Trainer's save, without training_args.bin: a pickle of the arguments, which loads only with
+        weights_only=False (dftlite_config.yaml holds them as text)."""
+        super()._save(output_dir, state_dict)
         if self.args.should_save:
-            self.save_dft_state(os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"))
-        super()._save_checkpoint(model, trial)
+            Path(output_dir or self.args.output_dir, TRAINING_ARGS_NAME).unlink(missing_ok=True)
+
+    def _save_checkpoint(self, model, trial):
+        checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        try:
+            if self.args.should_save:  # our state first: the Trainer's trainer_state.json, last, marks it complete
+                self.save_dft_state(checkpoint)
+            super()._save_checkpoint(model, trial)
+        except BaseException as err:  # a full disk, a second Ctrl-C: leave no checkpoint that looks resumable
+            if self.args.should_save and not is_complete_checkpoint(checkpoint):
+                shutil.rmtree(checkpoint, ignore_errors=True)
+            full = disk_full_error(err, checkpoint, "checkpoint") if isinstance(err, Exception) else None
+            if full is not None:
+                raise full from err
+            raise
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not is_complete_checkpoint(resume_from_checkpoint):
+            last = last_complete_checkpoint(Path(resume_from_checkpoint).parent)
+            raise ConfigError(
+                f"{resume_from_checkpoint} is an incomplete checkpoint (the run stopped while saving it, or it is not a "
+                f"`dftlite train` checkpoint). Resume from {last or 'the start: there is no complete checkpoint'}"
+                + (" (--resume_from_checkpoint last)" if last else "")
+            )
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.load_dft_state(resume_from_checkpoint)
 
@@ -461,8 +505,13 @@ class DFTTrainer(Trainer):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({**self.log_u.state_dict(), **self.draws.state_dict()}, str(directory / DFT_STATE))
-        (directory / DFT_STATE_META).write_text(json.dumps(self._state_meta(), indent=2) + "\n")
+        tmp = directory / (DFT_STATE + ".tmp")
+        try:  # each file whole or not at all
+            save_file({**self.log_u.state_dict(), **self.draws.state_dict()}, str(tmp))
+            os.replace(tmp, directory / DFT_STATE)
+        finally:
+            tmp.unlink(missing_ok=True)
+        write_text_atomic(directory / DFT_STATE_META, json.dumps(self._state_meta(), indent=2) + "\n")
 
     def load_dft_state(self, directory: str | os.PathLike):
         from safetensors.torch import load_file
@@ -529,7 +578,12 @@ def train(model_config: ModelConfig, data_config: DataConfig, dft_config: DFTCon
     trainer = build_trainer(model_config, data_config, dft_config, model, tokenizer)
     if trainer.args.should_save:
         save_resolved_config(output_dir, model_config, data_config, dft_config)
-    output = trainer.train(resume_from_checkpoint=dft_config.resume_from_checkpoint)
+    resume = dft_config.resume_from_checkpoint
+    if resume == "last":
+        resume = last_complete_checkpoint(output_dir) if output_dir.is_dir() else None
+        if resume is None:
+            raise ConfigError(f"resume_from_checkpoint: last, but {output_dir} holds no complete checkpoint")
+    output = trainer.train(resume_from_checkpoint=resume)
     if trainer.interrupt.stopped_at is not None:
         checkpoint = output_dir / f"{PREFIX_CHECKPOINT_DIR}-{trainer.interrupt.stopped_at}"
         console.print(f"[bold yellow]Interrupted[/]: checkpoint saved at step {trainer.interrupt.stopped_at} in {checkpoint}. "
@@ -543,14 +597,25 @@ def train(model_config: ModelConfig, data_config: DataConfig, dft_config: DFTCon
         metrics.update(evals[-1])
     elif trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
-    adapter_path = output_dir / "adapter"
-    trainer.save_model(str(adapter_path))  # PEFT adapter (safetensors) + tokenizer
+    adapter_path, staging = output_dir / "adapter", output_dir / ".adapter.tmp"
+    try:
+        trainer.save_model(str(staging))  # PEFT adapter (safetensors) + tokenizer
+        if trainer.args.should_save:
+            shutil.rmtree(adapter_path, ignore_errors=True)
+            os.replace(staging, adapter_path)  # the adapter appears whole, or not at all
+            trainer.save_dft_state(output_dir)
+            write_text_atomic(output_dir / "log_history.jsonl",
+                              "".join(json.dumps(entry) + "\n" for entry in trainer.state.log_history))
+            plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
+    except Exception as err:
+        full = disk_full_error(err, output_dir, "the trained adapter")
+        if full is not None:
+            raise full from err
+        raise
+    finally:
+        if trainer.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
     if trainer.args.should_save:
-        trainer.save_dft_state(output_dir)
-        with open(output_dir / "log_history.jsonl", "w") as handle:
-            for entry in trainer.state.log_history:
-                handle.write(json.dumps(entry) + "\n")
-        plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
         table = Table(title=f"dftlite train ({dft_config.method}) → {output_dir}", show_header=False)
         for key in sorted(metrics):
             value = metrics[key]

@@ -114,3 +114,28 @@ def test_embedded_gguf_loads_in_4bit_with_lora():
     with torch.no_grad(), sampler_view(model):
         out = model.generate(input_ids=input_ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, input_ids.shape[1]:])
+
+
+def test_4bit_gradients_are_right_after_a_sampler_view_forward(tiny_model_dir):
+    """bitsandbytes may repack 4-bit weights for a CPU inference kernel without backward at the first
+    eval-mode no-grad forward; training after sampling must still get the same gradients."""
+    config = ModelConfig(model_name_or_path=str(tiny_model_dir), precision="4bit", lora_r=4)
+    input_ids = torch.tensor([[5, 17, 42, 99, 7, 12]])
+
+    def lora_grads(sample_first: bool):
+        torch.manual_seed(0)
+        model, _ = load_model(config)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.5)
+        if sample_first:
+            with torch.no_grad(), sampler_view(model):
+                model(input_ids=input_ids)
+        model.train()
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fresh, after_sampling = lora_grads(False), lora_grads(True)
+    assert fresh.keys() == after_sampling.keys()
+    for name in fresh:
+        torch.testing.assert_close(after_sampling[name], fresh[name], rtol=1e-5, atol=1e-6, msg=name)
