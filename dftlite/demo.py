@@ -21,10 +21,10 @@ RESOURCES = Path(__file__).resolve().parent / "resources" / "gsm8k"
 @dataclass
 class DemoConfig:
     demo_dir: str = field(default="runs/demo", metadata={"help": "Where the demo writes data, pools, run and export."})
-    num_train: int = field(default=24, metadata={"help": "Training problems (the shortest of the first 500 of GSM8K train)."})
-    num_eval: int = field(default=40, metadata={"help": "Held-out problems (the first of the bundled GSM8K dev set)."})
+    num_train: int = field(default=16, metadata={"help": "Training problems (the shortest of the first 500 of GSM8K train)."})
+    num_eval: int = field(default=20, metadata={"help": "Held-out problems (the first of the bundled GSM8K dev set)."})
     demo_precision: str = field(default="4bit", metadata={"help": "Base weights: 4bit (QLoRA) or fp32/bf16."})
-    demo_max_new_tokens: int = field(default=160, metadata={"help": "Length cap for negatives and greedy answers."})
+    demo_max_new_tokens: int = field(default=96, metadata={"help": "Length cap for negatives and greedy answers."})
     demo_epochs: int = field(default=2, metadata={"help": "Epochs (E); the pool holds E×B negatives per prompt."})
     demo_learning_rate: float = field(default=2e-4, metadata={"help": "LoRA learning rate."})
     demo_seed: int = field(default=0, metadata={"help": "Seed of sampling and training."})
