@@ -24,14 +24,15 @@ import torch
 
 from dftlite.data import DataConfig, encode_prompt, load_data, render_prompt
 from dftlite.models import ModelConfig, load_model, sampler_view
-from dftlite.sampling import SampleConfig, _eos_ids, sample_pool
+from dftlite.models import stop_token_ids
+from dftlite.sampling import SampleConfig, sample_pool
 
 GSM8K = Path(__file__).resolve().parent.parent / "dftlite" / "resources" / "gsm8k" / "train.jsonl"
 
 
 def unbatched_loop(model, tokenizer, examples, config: SampleConfig) -> tuple[int, float]:
     """m generate calls per prompt, one completion each; returns (completion tokens, seconds)."""
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = stop_token_ids(model, tokenizer)
     tokens, started = 0, time.perf_counter()
     with sampler_view(model), torch.no_grad():
         for example in examples:

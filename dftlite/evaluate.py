@@ -33,7 +33,7 @@ import torch
 
 from dftlite.config import make_dir, to_dict, write_text_atomic
 from dftlite.data import DataConfig, DataError, Example, encode_answer, encode_prompt, load_data, render_prompt
-from dftlite.models import ModelConfig, load_base_model, load_model, sampler_view
+from dftlite.models import ModelConfig, load_base_model, load_model, plain_generation_config, sampler_view, stop_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -114,30 +114,6 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-@contextlib.contextmanager
-def _greedy_generation_config(model, max_new_tokens: int, eos_ids: list[int], pad_id: int):
-    """Swap in a plain greedy config: generate fills unset values from `model.generation_config`,
-    so a Hub repetition_penalty or sampling setting would otherwise leak into the evaluation."""
-    from transformers import GenerationConfig
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    saved = base.generation_config
-    base.generation_config = GenerationConfig(
-        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True
-    )
-    try:
-        yield base.generation_config
-    finally:
-        base.generation_config = saved
-
-
-def _stop_ids(model, tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
-    return sorted(i for i in ids if i is not None)
-
-
 def _progress(description: str):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -157,11 +133,11 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     """
     encoded = [encode_prompt(tokenizer, text, template) for text in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    eos_ids = _stop_ids(model, tokenizer)
+    eos_ids = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     device = next(model.parameters()).device
     outputs: list[str] = [""] * len(prompts)
-    with (_eval_mode(model), torch.no_grad(), _greedy_generation_config(model, max_new_tokens, eos_ids, pad_id) as config,
+    with (_eval_mode(model), torch.no_grad(), plain_generation_config(model, max_new_tokens, eos_ids, pad_id) as config,
           _progress("generating") as progress):
         task = progress.add_task("generate", total=len(prompts))
         for start in range(0, len(order), batch_size):

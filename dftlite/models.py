@@ -322,6 +322,34 @@ def _weights_digest(name_or_path: str) -> str | None:
     return digest.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def plain_generation_config(model, max_new_tokens: int, eos_ids: list[int], pad_id: int):
+    """Swap in a greedy generation config without processors for the duration.
+
+    `generate` fills unset values from `model.generation_config`, so a Hub repetition_penalty or
+    sampling setting would otherwise leak into sampling (biasing P_g0) and into evaluation.
+    """
+    from transformers import GenerationConfig
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = base.generation_config
+    base.generation_config = GenerationConfig(
+        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True
+    )
+    try:
+        yield base.generation_config
+    finally:
+        base.generation_config = saved
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS plus any extra EOS ids of the model's generation config."""
+    ids = {tokenizer.eos_token_id}
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
+    return sorted(i for i in ids if i is not None)
+
+
 def model_fingerprint(model, tokenizer) -> dict:
     """What identifies the model and tokenizer a pool was made with (compared on reuse)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

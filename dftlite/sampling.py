@@ -48,7 +48,7 @@ import torch
 
 from dftlite.config import ConfigError, make_dir, save_resolved_config, write_text_atomic
 from dftlite.data import DataConfig, DataError, encode_prompt, load_data, render_prompt
-from dftlite.models import ModelConfig, load_model, model_fingerprint, sampler_view
+from dftlite.models import ModelConfig, load_model, model_fingerprint, plain_generation_config, sampler_view, stop_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -239,31 +239,6 @@ class SeededSampler:
         return torch.full_like(raw, float("-inf")).scatter_(1, chosen, 0.0)
 
 
-@contextlib.contextmanager
-def _neutral_generation_config(model, eos_ids: list[int], pad_id: int, max_new_tokens: int):
-    """Swap in a greedy generation config without processors: generate fills unset values from
-    `model.generation_config` (e.g. a Hub repetition_penalty), which would bias P_g0."""
-    from transformers import GenerationConfig
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    saved = base.generation_config
-    base.generation_config = GenerationConfig(
-        eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens
-    )
-    try:
-        yield base.generation_config
-    finally:
-        base.generation_config = saved
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    config = getattr(model, "generation_config", None)
-    extra = getattr(config, "eos_token_id", None)
-    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
-    return sorted(i for i in ids if i is not None)
-
-
 def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)  # (B, T)
@@ -278,7 +253,7 @@ def generate_batch(model, prompt_ids: list[list[int]], seeds: list[int], config:
     device = next(model.parameters()).device
     input_ids, attention_mask = _left_pad(prompt_ids, pad_id, device)
     sampler = SeededSampler(seeds, config.temperature, config.top_k, config.top_p)
-    with _neutral_generation_config(model, eos_ids, pad_id, config.max_new_tokens) as generation_config, torch.no_grad():
+    with plain_generation_config(model, config.max_new_tokens, eos_ids, pad_id) as generation_config, torch.no_grad():
         sequences = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
             logits_processor=LogitsProcessorList([sampler]),
@@ -494,7 +469,7 @@ def sample_pool(model_config: ModelConfig, data_config: DataConfig, sample_confi
     order = {p.id: i for i, p in enumerate(prompts)}
     todo.sort(key=lambda item: (len(item[0].sampler_ids), order[item[0].id], item[1]))  # less padding
     remaining = {p.id: sum(1 for k in range(config.num_negatives) if (p.id, k) not in done) for p in prompts}
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     device_type = next(model.parameters()).device.type
 
