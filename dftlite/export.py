@@ -1,8 +1,8 @@
 """Export a trained adapter: PEFT adapter (safetensors), optionally a merged model, a model card, the Hub.
 
-    dftlite export --adapter_path runs/demo/adapter --export_dir out/demo
-    dftlite export --adapter_path runs/demo/adapter --export_dir out/demo --merge --merge_dtype bf16
-    HF_TOKEN=hf_... dftlite export --adapter_path runs/demo/adapter --export_dir out/demo --push_to_hub me/demo-dft2
+    dftlite export --adapter_path runs/demo/run/adapter --export_dir out/demo
+    dftlite export --adapter_path runs/demo/run/adapter --export_dir out/demo --merge --merge_dtype bf16
+    HF_TOKEN=hf_... dftlite export --adapter_path runs/demo/run/adapter --export_dir out/demo --push_to_hub me/demo-dft2
 
 Layout of export_dir (weights are safetensors only, everywhere):
     adapter_config.json, adapter_model.safetensors   the LoRA adapter; PeftModel.from_pretrained(base, export_dir)

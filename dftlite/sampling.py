@@ -8,7 +8,7 @@ The sampler is `sampler_view(model)`: the same loaded (possibly 4-bit) model, ad
     dftlite sample --config configs/smollm2-135m_gsm8k_dft2_cpu.yaml
 
     from dftlite.sampling import load_pool, negatives_for
-    meta, records_by_id = load_pool("runs/demo/pool")
+    meta, records_by_id = load_pool("runs/demo/pool-train")
     negatives = negatives_for(records_by_id[example.id], meta)
 
 Pool directory:
@@ -88,7 +88,8 @@ class SampleConfig:
         default=False, metadata={"help": "Also store logp_train_prompt = log P_g0(y'|x) under the training prompt (one extra forward)."}
     )
     keep_gold_duplicates: bool = field(
-        default=False, metadata={"help": "Use negatives identical to the gold answer (stripped) as negatives anyway."}
+        default=False, metadata={"help": "Train on negatives identical to the gold answer (stripped) anyway. "
+                                 "dftlite eval always leaves them out (they would tie with the gold answer)."}
     )
 
     def __post_init__(self):

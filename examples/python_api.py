@@ -11,7 +11,7 @@ message. The same steps as `dftlite sample / train / eval / export`, as library 
 model is loaded once and passed to each, because with its LoRA adapters switched off it *is*
 the frozen base model: the sampler and the evaluation's "base" column need no second copy.
 
-The defaults are smaller than `dftlite demo` (16 problems, 128 new tokens), so a CPU is enough.
+The defaults are about the size of `dftlite demo` (16 problems; 128 new tokens against the demo's 96; fp32 on CPU), so a CPU is enough.
 Writes under --out: data/ (the GSM8K subsets), pool-train/ and pool-dev/ (negatives),
 run/ (adapter, training log and curves, eval.json) and export/ (adapter + model card).
 """
