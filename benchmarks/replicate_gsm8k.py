@@ -38,6 +38,11 @@ METHODS = {
     "dft2_u_one": {"method": "dft2", "u_init": "one"},
     "dft_u_one": {"method": "dft", "u_init": "one"},
     "dft_train_prompt": {"method": "dft", "reference": "train_prompt"},
+    # DFT2 sensitivity (docs/results.md): one setting each; lora_r also sets lora_alpha = 2 r
+    "dft2_tau1": {"method": "dft2", "tau": 1.0},
+    "dft2_lr1e-4": {"method": "dft2", "learning_rate": 1e-4},
+    "dft2_lr5e-4": {"method": "dft2", "learning_rate": 5e-4},
+    "dft2_r64": {"method": "dft2", "lora_r": 64},
 }
 
 
@@ -127,16 +132,19 @@ def main():
             results[name] = json.loads(result_file.read_text())
             continue
         tick = time.time()
-        model, tokenizer = load_model(model_config, gradient_checkpointing=on_gpu)
-        dft_config = DFTConfig(
-            output_dir=str(run_dir / name), pool_dir=str(run_dir / "pool-train"), num_negatives_per_step=2,
-            num_train_epochs=2, per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
-            seed=args.seed, gradient_checkpointing=on_gpu, save_strategy="no", **METHODS[name],
-        )
-        trained = train(model_config, train_data, dft_config, model=model, tokenizer=tokenizer)
+        overrides = dict(METHODS[name])
+        lora_r = overrides.pop("lora_r", args.lora_r)
+        method_model_config = ModelConfig(precision=args.precision, lora_r=lora_r, lora_alpha=2 * lora_r)
+        model, tokenizer = load_model(method_model_config, gradient_checkpointing=on_gpu)
+        dft_config = DFTConfig(**{
+            "output_dir": str(run_dir / name), "pool_dir": str(run_dir / "pool-train"), "num_negatives_per_step": 2,
+            "num_train_epochs": 2, "per_device_train_batch_size": args.batch_size, "learning_rate": args.learning_rate,
+            "seed": args.seed, "gradient_checkpointing": on_gpu, "save_strategy": "no", **overrides,
+        })
+        trained = train(method_model_config, train_data, dft_config, model=model, tokenizer=tokenizer)
         train_seconds = time.time() - tick
         tick = time.time()
-        evaluated = evaluate(model_config, dev_data, EvalConfig(**{**eval_config.__dict__, "compare_base": False,
+        evaluated = evaluate(method_model_config, dev_data, EvalConfig(**{**eval_config.__dict__, "compare_base": False,
                                                                    "adapter_path": trained.adapter_path}),
                              model=model, tokenizer=tokenizer)["adapter"]
         result = {"eval": summary(evaluated), "train_seconds": train_seconds, "eval_seconds": time.time() - tick,
