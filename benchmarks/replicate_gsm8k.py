@@ -105,13 +105,13 @@ def main():
 
     # Shared inputs. Pools resume, so a rerun after a crash only samples what is missing.
     model, tokenizer = load_model(model_config)
-    tick = time.time()
     common = dict(max_new_tokens=args.neg_max_new_tokens, seed=args.seed, score_train_prompt=True)
-    sample_pool(model_config, train_data, SampleConfig(pool_dir=str(run_dir / "pool-train"), num_negatives=4, **common),
-                model=model, tokenizer=tokenizer)
-    sample_pool(model_config, dev_data, SampleConfig(pool_dir=str(run_dir / "pool-dev"), num_negatives=2, **common),
-                model=model, tokenizer=tokenizer)
-    timings.setdefault("sampling_s", time.time() - tick)
+    for split, data, count in [("train", train_data, 4), ("dev", dev_data, 2)]:
+        stats = sample_pool(model_config, data, SampleConfig(pool_dir=str(run_dir / f"pool-{split}"), num_negatives=count,
+                                                            **common), model=model, tokenizer=tokenizer)
+        # seconds spent sampling, summed over invocations (a resumed pool only adds what was missing)
+        timings[f"sampling_{split}_s"] = timings.get(f"sampling_{split}_s", 0.0) + stats.seconds
+        (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
     eval_config = EvalConfig(pool_dir=str(run_dir / "pool-dev"), max_new_tokens=args.max_new_tokens,
                              eval_batch_size=args.eval_batch_size, json=False)
 
