@@ -175,13 +175,14 @@ def plot_all(run_dir: Path, methods: list[str]):
         print("matplotlib not installed: no curves.png")
         return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name in methods:
+    colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))  # one colour per method
+    for name in sorted(methods, key=list(METHODS).index):
         logs = [json.loads(line) for line in open(run_dir / name / "log_history.jsonl")]
         logs = [entry for entry in logs if "loss" in entry and "step" in entry]
         steps = [entry["step"] for entry in logs]
         for axis, key in zip(axes, ["pos_logp_per_token", "neg_logp_per_token", "loss"]):
             if all(key in entry for entry in logs):
-                axis.plot(steps, [entry[key] for entry in logs], label=name)
+                axis.plot(steps, [entry[key] for entry in logs], label=name, color=colors[name])
     for axis, title in zip(axes, ["gold (positive) log-lik / token", "negative log-lik / token", "training loss"]):
         axis.set_title(title)
         axis.set_xlabel("step")
