@@ -1,7 +1,10 @@
 """Mini-replication of the DFT paper's central claim on GSM8K (a benchmark, not a test).
 
-    .venv/bin/python benchmarks/replicate_gsm8k.py            # the scale of docs/results.md (~100 min, 2 cores)
+    .venv/bin/python benchmarks/replicate_gsm8k.py            # the scale of docs/results.md (~2 h on 2 CPU cores)
     .venv/bin/python benchmarks/replicate_gsm8k.py --methods dft2_u_one,dft_u_one,dft_train_prompt   # variants
+
+docs/results.md ran one process per method (`--methods sft`, then `--methods dft2`, ...): a long
+single process evaluated noticeably slower there.
 
 SmolLM2-135M-Instruct with QLoRA; GSM8K train prompts (bundled copy of ../shared/data/gsm8k);
 E = 2 epochs × B = 2 negatives per step = 4 pool negatives per prompt; every method gets the
