@@ -35,10 +35,15 @@ class DFTConfig(TrainingArguments):
                   "None = the paper's: DFT 0.85, DFT2 0.9."},
     )
     u_init: Literal["one", "first_batch"] = field(
-        default="first_batch",
-        metadata={"help": "u_0: first_batch (default) = each u_i starts at its first mini-batch estimate ĝ_i; one = "
-                  "log u = 0 (Algorithm 1), which under-weights DFT2's negatives on early visits (measured: median "
-                  "weight 0.57 at the first visit on SmolLM2-135M/GSM8K; docs/method.md). Same start for DFT."},
+        default="one",
+        metadata={"help": "u_0: one = log u = 0, as Algorithm 1 and the official code; first_batch = each u_i starts at "
+                  "its first mini-batch estimate ĝ_i (γ = 1 on the first visit, which the paper's γ ablation, Table 8, "
+                  "finds much worse). docs/results.md compares the two."},
+    )
+    scoring_dropout: bool = field(
+        default=False,
+        metadata={"help": "Keep dropout (e.g. LoRA dropout) active while the trainee is scored. Off by default, as the "
+                  "official trainer (disable_dropout: True): the noise would enter the detached weights exp(s/τ - log u)."},
     )
     reference: Literal["sampler_prompt", "train_prompt"] = field(
         default="sampler_prompt",
@@ -65,7 +70,12 @@ class DFTConfig(TrainingArguments):
                   "searched 0.01-0.1), paper App. A.2."},
     )
     simpo_gamma_beta_ratio: float = field(default=0.5, metadata={"help": "SimPO margin γ/β (paper App. A.2: 0.5)."})
-    sft_weight: float = field(default=1.0, metadata={"help": "Weight of the SFT term in simpo_sft."})
+    sft_weight: float | None = field(
+        default=None,
+        metadata={"help": "λ ≥ 0: adds λ·(token-level NLL of the gold answers) to the loss of dft, dft2 and simpo_sft "
+                  "(an SFT anchor; the official DFT trainer computes this NLL but leaves it unused, TRL's DPO offers it "
+                  "as loss_type [sigmoid, sft]). None = simpo_sft 1.0, dft/dft2 0.0."},
+    )
     token_budget: int = field(
         default=0,
         metadata={"help": "Micro-batch size in padded tokens (rows × longest row), whole prompt groups only; "
@@ -118,6 +128,10 @@ class DFTConfig(TrainingArguments):
             self.tau = {"dft": 1.0, "dft2": 0.3}.get(self.method, 1.0)
         if self.gamma is None:
             self.gamma = {"dft": 0.85, "dft2": 0.9}.get(self.method, 0.9)
+        if self.sft_weight is None:
+            self.sft_weight = 1.0 if self.method == "simpo_sft" else 0.0
+        if self.sft_weight and self.method not in ("dft", "dft2", "simpo_sft"):
+            raise ValueError(f"sft_weight applies to dft, dft2 and simpo_sft, not to method {self.method!r}")
         if self.beta is None:
             self.beta = 0.1 if self.method == "dpo" else 10.0
         if not (self.tau > 0 and math.isfinite(self.tau)):

@@ -63,7 +63,7 @@ CARD_SKIP_KEYS = ("model_name_or_path", "cache_dir", "output_dir", "logging_dir"
 # Settings that only some methods use (dft_config.py's help texts); the card leaves out the others.
 METHOD_ONLY_KEYS = {
     "tau": ("dft", "dft2"), "gamma": ("dft", "dft2"), "u_init": ("dft", "dft2"), "reference": ("dft",),
-    "beta": ("simpo", "simpo_sft", "dpo"), "simpo_gamma_beta_ratio": ("simpo", "simpo_sft"), "sft_weight": ("simpo_sft",),
+    "beta": ("simpo", "simpo_sft", "dpo"), "simpo_gamma_beta_ratio": ("simpo", "simpo_sft"), "sft_weight": ("dft", "dft2", "simpo_sft"),
 }
 METHOD_NOTES = {
     "dft2": "DFT2, the paper's practical variant: a sequence's score is its mean token log-probability.",

@@ -231,6 +231,10 @@ class DFTTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
+        if not self.args.scoring_dropout:  # as the official trainer: dropout would add noise to the weights exp(s/τ - log u)
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.eval()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         indices = inputs["example_index"].cpu()  # (S,)
@@ -344,12 +348,16 @@ class DFTTrainer(Trainer):
 
         pos_* (S_mb,), neg_* (S_mb, B): summed log-probs and lengths; reference (S_mb, 1+B) for DPO."""
         args, method = self.args, self.args.method
-        if method == "dft2":
-            loss, new_log_u, metrics = dft2_loss(pos_logps / pos_lengths, neg_logps / neg_lengths, log_u_prev, args.tau, gamma)
-            return loss * group_share, new_log_u, metrics
-        if method == "dft":
-            loss, new_log_u, metrics = dft_loss(pos_logps, neg_logps, neg_ref_logps, log_u_prev, args.tau, gamma)
-            return loss * group_share, new_log_u, metrics
+        if method in ("dft", "dft2"):
+            if method == "dft2":
+                loss, new_log_u, metrics = dft2_loss(pos_logps / pos_lengths, neg_logps / neg_lengths, log_u_prev, args.tau, gamma)
+            else:
+                loss, new_log_u, metrics = dft_loss(pos_logps, neg_logps, neg_ref_logps, log_u_prev, args.tau, gamma)
+            loss = loss * group_share
+            if args.sft_weight:  # the SFT anchor λ·NLL: token-level over the step's positives, like method sft
+                sft, sft_metrics = sft_loss(pos_logps, pos_lengths)
+                loss, metrics = loss + args.sft_weight * sft * token_share, {**metrics, **sft_metrics}
+            return loss, new_log_u, metrics
         if method == "sft":
             loss, metrics = sft_loss(pos_logps, pos_lengths)
             return loss * token_share, None, metrics

@@ -1,0 +1,284 @@
+"""Sweep of DFT2's knobs on GSM8K, scored on teacher-forced metrics (a benchmark, not a test).
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/sweep_gsm8k.py --configs sft,dft2          # one process per call
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/sweep_gsm8k.py --accuracy sft,dft2_l0.5     # greedy accuracy too
+    .venv/bin/python benchmarks/sweep_gsm8k.py --report                                     # table, JSON, figure only
+
+The question (docs/results.md): which settings keep the gold answers' likelihood at SFT's level
+while pushing the base model's negatives down? Every configuration trains the same LoRA on the
+same 128 GSM8K problems for the same 64 steps (S = 4 prompts, 2 epochs, B = 2 negatives per step)
+and is scored on the first 150 dev problems against the same 2 dev negatives each (sampled once
+from the base under "You are an unhelpful assistant.", 128 new tokens):
+  win rate, gold and negative log-likelihood per token, mean margin (`dftlite.evaluate.discrimination`).
+These take about a minute; greedy accuracy (minutes) only runs for the configurations named in
+--accuracy. fp32 LoRA (not 4-bit) and no gradient checkpointing, for speed on a CPU.
+
+Everything lives under --run_dir (default runs/sweep, ignored by git):
+  data/, pool-train/, pool-dev/, pool-train-nosys256/    shared inputs (sampling resumes)
+  <name>/result.json     written last; a configuration with one is skipped (resume per configuration)
+  <name>/log_history.jsonl, <name>/adapter
+and the report goes to docs/sweep_results.json and docs/figures/sweep_pareto.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from replicate_gsm8k import GSM8K, REPO, write_subset  # noqa: E402
+
+# The training pools: name -> SampleConfig overrides. "nosys256" is the official MetaMathQA
+# generator's setting (gen_mmqa.sh): no adversarial system message, 256 new tokens.
+POOLS = {
+    "adversarial128": {"max_new_tokens": 128},
+    "nosys256": {"max_new_tokens": 256, "sampler_system_prompt": None},
+}
+# The previous defaults, kept for comparison: u_init first_batch, LoRA dropout while scoring.
+OLD = {"u_init": "first_batch", "scoring_dropout": True}
+# name -> DFTConfig overrides (and "pool"). Unnamed settings are DFTConfig's defaults (DFT2: τ 0.3,
+# γ 0.9, u_init one, no dropout while scoring, λ = sft_weight 0) and the fixed ones in `train_one`.
+CONFIGS = {
+    "sft": {"method": "sft"},
+    "dft2": {"method": "dft2"},
+    "dft2_old_defaults": {"method": "dft2", **OLD},
+    "dft2_l0.1": {"method": "dft2", "sft_weight": 0.1},
+    "dft2_l0.5": {"method": "dft2", "sft_weight": 0.5},
+    "dft2_l1": {"method": "dft2", "sft_weight": 1.0},
+    "dft2_u_first_batch": {"method": "dft2", "u_init": "first_batch"},
+    "dft2_dropout": {"method": "dft2", "scoring_dropout": True},
+    "dft2_tau0.1": {"method": "dft2", "tau": 0.1},
+    "dft2_tau1": {"method": "dft2", "tau": 1.0},
+    "dft2_lr1e-4": {"method": "dft2", "learning_rate": 1e-4},
+    "dft2_lr5e-5": {"method": "dft2", "learning_rate": 5e-5},
+    "dft2_accum16": {"method": "dft2", "gradient_accumulation_steps": 4},
+    "dft2_nosys256": {"method": "dft2", "pool": "nosys256"},
+    "dft_train_prompt": {"method": "dft", "reference": "train_prompt"},
+    "dft_sampler_prompt": {"method": "dft", "reference": "sampler_prompt"},
+}
+
+
+def parse():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run_dir", default="runs/sweep")
+    parser.add_argument("--configs", default="", help="comma-separated names of CONFIGS to train and score")
+    parser.add_argument("--extra", default="{}",
+                        help='JSON {name: overrides} of configurations beyond CONFIGS, e.g. combinations of the best')
+    parser.add_argument("--accuracy", default="", help="comma-separated names (or base) to also decode greedily")
+    parser.add_argument("--report", action="store_true", help="only write docs/sweep_results.json and the figure")
+    parser.add_argument("--num_train", type=int, default=128)
+    parser.add_argument("--num_dev", type=int, default=150)
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--learning_rate", type=float, default=2e-4)
+    parser.add_argument("--max_length", type=int, default=448)
+    parser.add_argument("--max_new_tokens", type=int, default=160, help="greedy answers (accuracy)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "dftlite", "benchmarks"], capture_output=True, text=True,
+                           cwd=REPO).stdout.strip()
+    return out + ("+uncommitted" if dirty else "")
+
+
+def main():
+    args = parse()
+    run_dir = Path(args.run_dir)
+    configs = {**CONFIGS, **json.loads(args.extra)}
+    if not args.report:
+        inputs = Inputs(args, run_dir)
+        for name in [n for n in args.configs.split(",") if n]:
+            if not (run_dir / name / "result.json").exists():
+                train_one(args, inputs, name, configs[name])
+        for name in [n for n in args.accuracy.split(",") if n]:
+            add_accuracy(args, inputs, name)
+    report(run_dir, configs)
+
+
+class Inputs:
+    """The data subsets, the fp32 base model and the pools every configuration shares."""
+
+    def __init__(self, args, run_dir: Path):
+        from dftlite.data import DataConfig
+        from dftlite.models import ModelConfig
+
+        self.args, self.run_dir = args, run_dir
+        train_path = write_subset(GSM8K / "train.jsonl", run_dir / "data" / "train.jsonl", args.num_train)
+        dev_path = write_subset(GSM8K / "dev.jsonl", run_dir / "data" / "dev.jsonl", args.num_dev)
+        self.model_config = ModelConfig(precision=args.precision, lora_r=16, lora_alpha=32)
+        self.train_data = DataConfig(data_path=str(train_path), max_length=args.max_length)
+        self.dev_data = DataConfig(data_path=str(dev_path), max_length=args.max_length)
+        self.timings_path = run_dir / "timings.json"
+
+    def pool(self, model, tokenizer, split: str, kind: str = "adversarial128") -> str:
+        """Sample (or resume) a pool; seconds spent are summed over invocations in timings.json."""
+        from dftlite.sampling import SampleConfig, sample_pool
+
+        pool_dir = self.run_dir / (f"pool-{split}" if kind == "adversarial128" else f"pool-{split}-{kind}")
+        data, count = (self.train_data, 4) if split == "train" else (self.dev_data, 2)
+        config = SampleConfig(pool_dir=str(pool_dir), num_negatives=count, seed=self.args.seed, score_train_prompt=True,
+                              **POOLS[kind])
+        stats = sample_pool(self.model_config, data, config, model=model, tokenizer=tokenizer)
+        timings = json.loads(self.timings_path.read_text()) if self.timings_path.exists() else {}
+        key = f"sampling_{pool_dir.name}_s"
+        timings[key] = timings.get(key, 0.0) + stats.seconds
+        self.timings_path.write_text(json.dumps(timings, indent=2))
+        return str(pool_dir)
+
+
+def teacher_forced(model, tokenizer, inputs: Inputs, dev_pool: str) -> dict:
+    from dftlite.data import load_data
+    from dftlite.evaluate import discrimination
+    from dftlite.sampling import load_pool
+
+    _, records = load_pool(dev_pool)
+    result = discrimination(model, tokenizer, load_data(inputs.dev_data), records, inputs.dev_data.template, 16)
+    result.pop("scores")
+    return result
+
+
+def train_one(args, inputs: Inputs, name: str, overrides: dict):
+    from dftlite.models import load_model, sampler_view
+    from dftlite.trainer import DFTConfig, train
+
+    overrides = dict(overrides)
+    kind = overrides.pop("pool", "adversarial128")
+    model, tokenizer = load_model(inputs.model_config, gradient_checkpointing=False)
+    dev_pool = inputs.pool(model, tokenizer, "dev")
+    if not (inputs.run_dir / "base" / "result.json").exists():
+        with sampler_view(model):
+            base = teacher_forced(model, tokenizer, inputs, dev_pool)
+        write_result(inputs.run_dir / "base", {"name": "base", "method": "base", "settings": {}, "commit": commit(),
+                                               "eval": base})
+    train_pool = inputs.pool(model, tokenizer, "train", kind)
+    settings = {"output_dir": str(inputs.run_dir / name), "pool_dir": train_pool, "num_negatives_per_step": 2,
+                "num_train_epochs": 2, "per_device_train_batch_size": 4, "learning_rate": args.learning_rate,
+                "seed": args.seed, "gradient_checkpointing": False, "save_strategy": "no", **overrides}
+    config = DFTConfig(**settings)
+    tick = time.time()
+    trained = train(inputs.model_config, inputs.train_data, config, model=model, tokenizer=tokenizer)
+    train_seconds = time.time() - tick
+    tick = time.time()
+    evaluated = teacher_forced(model, tokenizer, inputs, dev_pool)
+    resolved = {k: getattr(config, k) for k in ("method", "tau", "gamma", "u_init", "scoring_dropout", "sft_weight",
+                                                "reference", "learning_rate", "gradient_accumulation_steps")}
+    resolved["prompts_per_update"] = 4 * config.gradient_accumulation_steps
+    resolved["negatives"] = kind
+    write_result(inputs.run_dir / name, {
+        "name": name, "method": config.method, "settings": resolved, "commit": commit(), "eval": evaluated,
+        "train_seconds": train_seconds, "eval_seconds": time.time() - tick, "adapter_path": trained.adapter_path,
+    })
+
+
+def add_accuracy(args, inputs: Inputs, name: str):
+    """Greedy accuracy, the share of answers with a `####` line and their mean length (in tokens)."""
+    from dftlite.data import load_data
+    from dftlite.evaluate import accuracy
+    from dftlite.models import load_model, sampler_view
+
+    path = inputs.run_dir / name / "result.json"
+    result = json.loads(path.read_text())
+    if "accuracy" in result:
+        return
+    tick = time.time()
+    if name == "base":
+        model, tokenizer = load_model(inputs.model_config, trainable=False)
+        view = sampler_view
+    else:
+        model, tokenizer = load_model(inputs.model_config, adapter_path=result["adapter_path"], trainable=False)
+        view = None
+    examples = load_data(inputs.dev_data)
+    if view is not None:
+        with view(model):
+            measured = accuracy(model, tokenizer, examples, inputs.dev_data.template, args.max_new_tokens, 32)
+    else:
+        measured = accuracy(model, tokenizer, examples, inputs.dev_data.template, args.max_new_tokens, 32)
+    outputs = [p["output"] for p in measured["predictions"]]
+    result["accuracy"] = {
+        "accuracy": measured["accuracy"], "correct": measured["correct"], "total": measured["total"],
+        "interval_95": wilson(measured["correct"], measured["total"]),
+        "format_share": sum("####" in o for o in outputs) / len(outputs),
+        "mean_answer_tokens": sum(len(tokenizer(o)["input_ids"]) for o in outputs) / len(outputs),
+        "max_new_tokens": args.max_new_tokens, "commit": commit(), "seconds": time.time() - tick,
+    }
+    write_result(inputs.run_dir / name, result)
+
+
+def wilson(successes: int, total: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a binomial proportion."""
+    if total == 0:
+        return [0.0, 1.0]
+    p = successes / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * ((p * (1 - p) / total + z * z / (4 * total * total)) ** 0.5) / (1 + z * z / total)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def write_result(directory: Path, result: dict):
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(directory / "result.json")
+
+
+def report(run_dir: Path, configs: dict):
+    rows = []
+    for name in ["base", *configs]:
+        path = run_dir / name / "result.json"
+        if not path.exists():
+            continue
+        result = json.loads(path.read_text())
+        e = result["eval"]
+        row = {"name": name, "method": result["method"], "settings": result["settings"], "commit": result["commit"],
+               "win_rate": e["win_rate"], "gold_logp_per_token": e["gold_logp_per_token"],
+               "negative_logp_per_token": e["negative_logp_per_token"], "mean_margin": e["mean_margin"],
+               "num_prompts": e["num_prompts"], "train_seconds": result.get("train_seconds")}
+        if "accuracy" in result:
+            row.update({k: result["accuracy"][k] for k in ("accuracy", "correct", "total", "interval_95", "format_share",
+                                                          "mean_answer_tokens")})
+        rows.append(row)
+    if not rows:
+        print("nothing measured yet")
+        return
+    (REPO / "docs" / "sweep_results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"{'name':<24}{'win':>7}{'gold':>9}{'neg':>9}{'margin':>9}{'acc':>8}{'train s':>9}")
+    for r in rows:
+        acc = f"{r['correct']}/{r['total']}" if "accuracy" in r else ""
+        print(f"{r['name']:<24}{r['win_rate']:>7.1%}{r['gold_logp_per_token']:>9.3f}{r['negative_logp_per_token']:>9.3f}"
+              f"{r['mean_margin']:>9.3f}{acc:>8}{r['train_seconds'] or 0:>9.0f}")
+    pareto_figure(rows, REPO / "docs" / "figures" / "sweep_pareto.png")
+
+
+def pareto_figure(rows: list[dict], path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(8, 5.5))
+    for r in rows:
+        reference = r["name"] in ("base", "sft")
+        axis.scatter(r["gold_logp_per_token"], r["win_rate"], marker="*" if reference else "o", s=160 if reference else 40,
+                     color="black" if reference else ("tab:orange" if r["method"] == "dft" else "tab:blue"))
+        axis.annotate(r["name"], (r["gold_logp_per_token"], r["win_rate"]), fontsize=7, xytext=(4, 3),
+                      textcoords="offset points")
+    sft = next((r for r in rows if r["name"] == "sft"), None)
+    if sft is not None:  # the issue's goal region: win rate ≥ 85%, gold within 0.10 nats of SFT
+        axis.axvspan(sft["gold_logp_per_token"] - 0.10, axis.get_xlim()[1], ymin=0, ymax=1, color="tab:green", alpha=0.08)
+        axis.axhline(0.85, color="tab:green", linestyle=":", linewidth=1)
+    axis.set_xlabel("gold answers' log-likelihood per token (dev, higher is better)")
+    axis.set_ylabel("win rate against base negatives (dev)")
+    axis.set_title("GSM8K sweep, SmolLM2-135M LoRA, 150 dev problems (stars: base, SFT)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
