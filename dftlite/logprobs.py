@@ -37,11 +37,20 @@ class ChunkedTargetLogProbs(torch.autograd.Function):
         grad_h = g ⊙ (W[t] - P·W)                 (M, H)
         grad_W = (g ⊙ (onehot(t) - P))ᵀ · h       (V, H), only if weight needs grad
         grad_b = Σ_m g_m·(onehot(t_m) - P_m)      (V,),   only if bias needs grad
-    Accumulated in the compute dtype and cast back to each input's dtype.
+    Accumulated in the compute dtype and cast back to each input's dtype. Forward and backward
+    run with autocast disabled, so both see the same float32 logits under any active autocast.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_tokens, chunk_vocab):
+        # Autocast off: it would run the tile matmuls in bf16/fp16, so the saved logsumexp would come
+        # from rounded logits while backward (outside autocast) recomputes them in float32, and
+        # exp(logits - lse) would no longer sum to 1: wrong gradients for confident tokens.
+        with torch.autocast(hidden.device.type, enabled=False):
+            return ChunkedTargetLogProbs._forward(ctx, hidden, weight, bias, targets, chunk_tokens, chunk_vocab)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, targets, chunk_tokens, chunk_vocab):
         compute_dtype = torch.promote_types(hidden.dtype, torch.float32)
         num_rows = hidden.shape[0]
         target_logps = torch.empty(num_rows, dtype=compute_dtype, device=hidden.device)
@@ -67,6 +76,11 @@ class ChunkedTargetLogProbs(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
+        with torch.autocast(grad_output.device.type, enabled=False):  # the same float32 tiles as forward
+            return ChunkedTargetLogProbs._backward(ctx, grad_output)
+
+    @staticmethod
+    def _backward(ctx, grad_output):
         hidden, weight, bias, targets, logsumexp = ctx.saved_tensors
         chunk_tokens, chunk_vocab = ctx.chunks
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
