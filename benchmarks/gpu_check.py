@@ -58,12 +58,12 @@ import torch  # noqa: E402
 # (name, what it measures, time cap in seconds on a GPU machine); the caps add up to 450 s, which
 # leaves half a minute of the 8-minute budget for installing the wheels and the interpreter.
 STAGES = (
-    ("environment", "Environment", 25),
-    ("gpu_tests", "GPU tests (pytest -m gpu)", 60),
-    ("step_cost_smollm2_135m", "Step cost, SmolLM2-135M shape: DFT2 vs SFT vs TRL DPO", 70),
-    ("step_cost_llama_1b", "Step cost, Llama-3.2-1B shape: DFT2 vs SFT vs TRL DPO", 90),
-    ("sampling", "Sampling throughput: sample_pool vs a generate loop", 40),
-    ("t4_goal_llama_8b", "T4 goal: DFT2 QLoRA step of a Llama-3-8B shape in 15 GiB", 165),
+    ("environment", "Environment", 20),
+    ("gpu_tests", "GPU tests (pytest -m gpu)", 50),
+    ("step_cost_smollm2_135m", "Step cost, SmolLM2-135M shape: DFT2 vs SFT vs TRL DPO", 60),
+    ("step_cost_llama_1b", "Step cost, Llama-3.2-1B shape: DFT2 vs SFT vs TRL DPO", 100),
+    ("sampling", "Sampling throughput: sample_pool vs a generate loop", 50),
+    ("t4_goal_llama_8b", "T4 goal: DFT2 QLoRA step of a Llama-3-8B shape in 15 GiB", 170),
 )
 T4_MEMORY_BYTES = 15 * 2**30  # a T4 shows 15360 MiB to PyTorch
 # dense fp16/bf16 tensor-core peak (FLOP/s) for MFU; name fragments as torch.cuda.get_device_name gives them
@@ -185,7 +185,7 @@ def stage_sampling(args, progress: Progress):
     model_config = ModelConfig(model_name_or_path=model_dir, precision="bf16" if common.on_cuda() else "fp32", lora_r=0)
     model, tokenizer = load_model(model_config)
     progress.update(model=Path(model_dir).name, precision=model_config.precision)
-    progress.update(**sampling_throughput.measure(model, tokenizer, model_config, prompts=2 if args.tiny else 8,
+    progress.update(**sampling_throughput.measure(model, tokenizer, model_config, prompts=2 if args.tiny else 4,
                                                   num_negatives=2 if args.tiny else 4,
                                                   max_new_tokens=8 if args.tiny else 64, work_dir=args.work_dir))
 
@@ -237,7 +237,7 @@ def stage_t4_goal(args, progress: Progress):
         with torch.autocast("cuda", dtype=torch.float16):
             logps, counts = sequence_logprobs(model, input_ids, attention_mask, completion_mask)  # (N,), (N,)
         scores = (logps / counts).view(num_prompts, 1 + negatives)  # (S, 1+B) per-token mean log-probs
-        loss, _, _ = dft2_loss(scores[:, 0], scores[:, 1:], torch.zeros(num_prompts, dtype=torch.float64))
+        loss, _, _ = dft2_loss(  # log u = 0: the u table's default init "one"scores[:, 0], scores[:, 1:], torch.zeros(num_prompts, dtype=torch.float64))
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -245,7 +245,7 @@ def stage_t4_goal(args, progress: Progress):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-        return float(loss)
+        return loss.item()
 
     seconds = []
     try:
