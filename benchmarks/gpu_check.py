@@ -237,7 +237,8 @@ def stage_t4_goal(args, progress: Progress):
         with torch.autocast("cuda", dtype=torch.float16):
             logps, counts = sequence_logprobs(model, input_ids, attention_mask, completion_mask)  # (N,), (N,)
         scores = (logps / counts).view(num_prompts, 1 + negatives)  # (S, 1+B) per-token mean log-probs
-        loss, _, _ = dft2_loss(  # log u = 0: the u table's default init "one"scores[:, 0], scores[:, 1:], torch.zeros(num_prompts, dtype=torch.float64))
+        # log u = 0: the u table's default init "one"
+        loss, _, _ = dft2_loss(scores[:, 0], scores[:, 1:], torch.zeros(num_prompts, dtype=torch.float64))
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
