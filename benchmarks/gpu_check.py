@@ -100,6 +100,8 @@ def package_version(name: str) -> str | None:
 
 
 def stage_environment(args, progress: Progress):
+    from dftlite.models import native_bf16
+
     progress.update(python=sys.version.split()[0], commit=common.commit(), machine=common.machine(),
                     cuda_available=torch.cuda.is_available(), torch_cuda=torch.version.cuda,
                     versions={name: package_version(name) for name in (
@@ -108,7 +110,8 @@ def stage_environment(args, progress: Progress):
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         progress.update(gpu=props.name, gpu_count=torch.cuda.device_count(), gpu_memory_mib=props.total_memory / common.MIB,
-                        compute_capability=f"{props.major}.{props.minor}", bf16=torch.cuda.is_bf16_supported())
+                        compute_capability=f"{props.major}.{props.minor}", native_bf16=native_bf16(),
+                        torch_says_bf16_supported=torch.cuda.is_bf16_supported())
     try:  # importable is not enough: bitsandbytes loads its CUDA library at import
         import bitsandbytes  # noqa: F401
 
