@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -206,7 +207,9 @@ def stage_t4_goal(args, progress: Progress):
     started = time.perf_counter()
     model_dir = common.shaped_model("llama-3-8b", Path(args.work_dir), tiny=args.tiny)  # tiny: make test on a GPU machine
     progress.update(model=Path(model_dir).name, build_seconds=time.perf_counter() - started)
+    gc.collect()
     torch.cuda.empty_cache()
+    progress.update(allocated_before_load_mib=torch.cuda.memory_allocated() / common.MIB)  # ~0: the cap is all the step's
     total = torch.cuda.get_device_properties(0).total_memory
     # the cap covers PyTorch's allocator; the CUDA context (~0.5 GiB) comes on top, on a T4 too
     torch.cuda.set_per_process_memory_fraction(min(1.0, T4_MEMORY_BYTES / total))
@@ -362,7 +365,7 @@ def main():
         parser.error(f"unknown stage(s) {unknown}; choose from {list(RUNNERS)}")
     isolate = args.isolate == "yes" or (args.isolate == "auto" and not args.tiny)
     summary = {"tiny": args.tiny, "commit": common.commit(), "command": " ".join(sys.argv),
-               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "stages": []}
+               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "stages": [], "seconds": 0.0}
     begun = time.perf_counter()
     for name, title, cap in STAGES:
         if name not in chosen:
