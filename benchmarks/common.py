@@ -85,6 +85,108 @@ def benchmark_model(layers: int, work_dir: Path) -> str:
     return str(target)
 
 
+# Random-initialised models of real shapes (gpu_check.py): speed and memory depend on the shape, not the
+# weights, and a GPU machine without network cannot download any. Llama architecture throughout
+# (SmolLM2 is a Llama); figures from each model's config.json.
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+}
+# --tiny: every shape becomes this (CPU, seconds), so the code paths run without their cost
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True)
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def synthetic_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer with exactly `vocab_size` ids and SmolLM2's ChatML template.
+
+    Its merges are learnt from the bundled GSM8K problems (at most 4096 ids, about a second), so
+    prompts tokenize to realistic lengths; the rest of the ids are filler entries "<fill_i>", which
+    encoding never produces but which decode, as a randomly initialised model samples any id.
+    Throughput and memory depend on the vocabulary's size, not its content."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    with open(GSM8K) as handle:
+        texts = [text for line, _ in zip(handle, range(2000)) for text in json.loads(line).values()]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainer=trainers.BpeTrainer(
+        vocab_size=min(vocab_size, 4096), special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    spec = json.loads(bpe.to_str())
+    vocab = spec["model"]["vocab"]
+    for index in range(len(vocab), vocab_size):
+        vocab[f"<fill_{index}>"] = index
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<|im_start|>",
+                                        eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML
+    assert len(tokenizer) == vocab_size, (len(tokenizer), vocab_size)
+    return tokenizer
+
+
+def shaped_model(shape: str, work_dir: Path, tiny: bool = False) -> str:
+    """A local HF directory (safetensors) holding a random-initialised model of SHAPES[shape]; made once.
+
+    On CUDA the model is built on the GPU in bf16 (an 8B model: 16 GB, seconds to initialise; in fp32
+    on a CPU it would take minutes), then written to `work_dir`, which dftlite's loader reads as it
+    reads any checkpoint (4-bit: quantized while loading). tiny: TINY_SHAPE on the CPU in fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    target = Path(work_dir) / (f"{shape}-tiny" if tiny else f"{shape}-random")
+    if (target / "config.json").is_file():
+        return str(target)
+    dims = TINY_SHAPE if tiny else SHAPES[shape]
+    tokenizer = synthetic_tokenizer(dims["vocab_size"])
+    config = LlamaConfig(**dims, max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    device, dtype = ("cuda", torch.bfloat16) if on_cuda() and not tiny else ("cpu", torch.float32)
+    torch.manual_seed(0)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created in bf16 directly, not in fp32 then cast
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    partial = target.with_name(target.name + ".partial")  # a killed run leaves no half-written model behind
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    del model
+    gc.collect()  # a model holds reference cycles: without this its 16 GB would outlive `del`
+    if on_cuda():
+        torch.cuda.empty_cache()
+    partial.rename(target)
+    return str(target)
+
+
+def model_argument(args, work_dir: Path) -> str:
+    """The benchmarks' model: --model (a local HF directory) if given, else the embedded model cut to --layers."""
+    return getattr(args, "model", None) or benchmark_model(args.layers, work_dir)
+
+
+def model_tag(args) -> str:
+    """Short name of the benchmark model for work-directory names (pools of different models must not mix)."""
+    model = getattr(args, "model", None)
+    return Path(model).name if model else f"L{args.layers}"
+
+
+def model_description(args) -> str:
+    if getattr(args, "model", None):
+        return f"{Path(args.model).name} (random init), LoRA r=16 all-linear"
+    return f"SmolLM2-135M-Instruct, {args.layers or 30} decoder layers, vocab 49152, LoRA r=16 all-linear"
+
+
 def keep_4bit_trainable(model) -> int:
     """Stop bitsandbytes from repacking 4-bit weights for CPU inference; return the layers touched.
 

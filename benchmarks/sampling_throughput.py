@@ -50,6 +50,36 @@ def unbatched_loop(model, tokenizer, examples, config: SampleConfig) -> tuple[in
     return tokens, time.perf_counter() - started
 
 
+def measure(model, tokenizer, model_config: ModelConfig, prompts: int, num_negatives: int, max_new_tokens: int,
+            work_dir: str) -> dict:
+    """Time the per-completion generate loop, then `sample_pool` (what `dftlite sample` runs), on the
+    first `prompts` GSM8K problems; return tokens, seconds and tokens/s of each and their ratio."""
+    data_config = DataConfig(data_path=str(GSM8K), max_examples=prompts)
+    examples = load_data(data_config)
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        config = SampleConfig(pool_dir=os.path.join(tmp, "pool"), num_negatives=num_negatives,
+                              max_new_tokens=max_new_tokens)
+        # warm-up (first-call allocations, kernel selection), not timed
+        warm = SampleConfig(pool_dir=os.path.join(tmp, "warm"), num_negatives=1, max_new_tokens=4)
+        sample_pool(model_config, DataConfig(data_path=str(GSM8K), max_examples=1), warm, model=model, tokenizer=tokenizer)
+
+        unbatched_tokens, unbatched_seconds = unbatched_loop(model, tokenizer, examples, config)
+        started = time.perf_counter()
+        stats = sample_pool(model_config, data_config, config, model=model, tokenizer=tokenizer)
+        batched_seconds = time.perf_counter() - started
+    batched_rate = stats.new_tokens / batched_seconds
+    unbatched_rate = unbatched_tokens / unbatched_seconds
+    return {
+        "device": str(model.device), "torch_threads": torch.get_num_threads(), "prompts": prompts,
+        "num_negatives": num_negatives, "max_new_tokens": max_new_tokens,
+        "batched_tokens": stats.new_tokens, "batched_seconds": round(batched_seconds, 2),
+        "batched_tokens_per_s": round(batched_rate, 1),
+        "unbatched_tokens": unbatched_tokens, "unbatched_seconds": round(unbatched_seconds, 2),
+        "unbatched_tokens_per_s": round(unbatched_rate, 1),
+        "ratio": round(batched_rate / unbatched_rate, 2),
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=8)
@@ -65,32 +95,9 @@ def main():
     precision = "bf16" if torch.cuda.is_available() else "fp32"
     model_config = ModelConfig(precision=precision, lora_r=0)
     model, tokenizer = load_model(model_config)
-    data_config = DataConfig(data_path=str(GSM8K), max_examples=args.prompts)
-    examples = load_data(data_config)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        config = SampleConfig(pool_dir=os.path.join(tmp, "pool"), num_negatives=args.num_negatives,
-                              max_new_tokens=args.max_new_tokens)
-        # warm-up (first-call allocations, kernel selection), not timed
-        warm = SampleConfig(pool_dir=os.path.join(tmp, "warm"), num_negatives=1, max_new_tokens=4)
-        sample_pool(model_config, DataConfig(data_path=str(GSM8K), max_examples=1), warm, model=model, tokenizer=tokenizer)
-
-        unbatched_tokens, unbatched_seconds = unbatched_loop(model, tokenizer, examples, config)
-        started = time.perf_counter()
-        stats = sample_pool(model_config, data_config, config, model=model, tokenizer=tokenizer)
-        batched_seconds = time.perf_counter() - started
-
-    batched_rate = stats.new_tokens / batched_seconds
-    unbatched_rate = unbatched_tokens / unbatched_seconds
+    result = measure(model, tokenizer, model_config, args.prompts, args.num_negatives, args.max_new_tokens, None)
     print(json.dumps({
-        "model": "smollm2-135m-instruct", "precision": precision, "device": str(model.device),
-        "torch_threads": torch.get_num_threads(), "prompts": args.prompts, "num_negatives": args.num_negatives,
-        "max_new_tokens": args.max_new_tokens,
-        "batched_tokens": stats.new_tokens, "batched_seconds": round(batched_seconds, 2),
-        "batched_tokens_per_s": round(batched_rate, 1),
-        "unbatched_tokens": unbatched_tokens, "unbatched_seconds": round(unbatched_seconds, 2),
-        "unbatched_tokens_per_s": round(unbatched_rate, 1),
-        "ratio": round(batched_rate / unbatched_rate, 2), "cpu_count": os.cpu_count(),
+        "model": "smollm2-135m-instruct", "precision": precision, **result, "cpu_count": os.cpu_count(),
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }))
 

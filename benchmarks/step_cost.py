@@ -48,8 +48,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (REPO, StepMeter, benchmark_model, commit, ensure_pool, gsm8k_data, machine, median, on_cuda,  # noqa: E402
-                    keep_4bit_trainable, repacked_4bit, rounded, set_threads, step_shape)
+from common import (REPO, StepMeter, commit, ensure_pool, gsm8k_data, machine, median, model_argument,  # noqa: E402
+                    model_description, model_tag, on_cuda, keep_4bit_trainable, repacked_4bit, rounded, set_threads,
+                    step_shape)
 
 from dftlite.data import load_data  # noqa: E402
 from dftlite.draws import load_split  # noqa: E402
@@ -96,6 +97,7 @@ def schedule(sides, rounds: int) -> list[str]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4, help="decoder layers kept (0 = the full 30-layer model)")
+    parser.add_argument("--model", default=None, help="a local HF model directory instead of the embedded model")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "4bit"))
     parser.add_argument("--num_prompts", type=int, default=2, help="S, prompts per step")
     parser.add_argument("--negatives", type=int, default=2, help="B, negatives per prompt per step")
@@ -112,14 +114,15 @@ def main():
 
 
 def run(args) -> dict:
+    """The whole measurement; `args` as main's parser makes them (gpu_check.py passes a Namespace)."""
     set_threads(args.threads)
     work = Path(args.work_dir)
 
-    model_config = ModelConfig(model_name_or_path=benchmark_model(args.layers, work), precision=args.precision, lora_r=16)
+    model_config = ModelConfig(model_name_or_path=model_argument(args, work), precision=args.precision, lora_r=16)
     data_config = gsm8k_data(args.num_prompts, args.max_length)
     model, tokenizer = load_model(model_config, gradient_checkpointing=True)
     keep_4bit_trainable(model)  # 4bit: the pool is sampled (eval, no grad) with the model that then trains
-    pool_dir = work / f"pool-L{args.layers}-{args.precision}-S{args.num_prompts}-m{args.negatives}-t{args.max_new_tokens}"
+    pool_dir = work / f"pool-{model_tag(args)}-{args.precision}-S{args.num_prompts}-m{args.negatives}-t{args.max_new_tokens}"
     ensure_pool(model_config, data_config, pool_dir, args.negatives, args.max_new_tokens, model, tokenizer)
     split, _ = load_split(load_data(data_config), tokenizer, data_config, model, str(pool_dir))
 
@@ -152,7 +155,7 @@ def run(args) -> dict:
         "commit": commit(),
         "machine": machine(),
         "device": "cuda" if on_cuda() else "cpu",
-        "model": f"SmolLM2-135M-Instruct, {args.layers or 30} decoder layers, vocab 49152, LoRA r=16 all-linear",
+        "model": model_description(args),
         "precision": args.precision,
         "gradient_checkpointing": True,
         "S": args.num_prompts, "B": args.negatives,

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import subprocess
@@ -62,9 +63,12 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (REPO, StepMeter, benchmark_model, commit, ensure_pool, gsm8k_data, machine, median, on_cuda,  # noqa: E402
-                    keep_4bit_trainable, process_peak_rss_mib, repacked_4bit, reset_peak, rounded, set_threads, step_shape)
+from common import (REPO, StepMeter, commit, ensure_pool, gsm8k_data, machine, median, model_argument,  # noqa: E402
+                    model_description, model_tag, on_cuda, keep_4bit_trainable, process_peak_rss_mib, repacked_4bit,
+                    reset_peak, rounded, set_threads, step_shape)
 
 SIDES = ("dft2", "trl_dpo", "dpo")
 LORA = dict(lora_r=16, lora_alpha=32, lora_dropout=0.05)  # dftlite's ModelConfig defaults, on both sides
@@ -76,6 +80,7 @@ SHARED = dict(learning_rate=1e-4, lr_scheduler_type="cosine", warmup_steps=0.1, 
 def parse():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4, help="decoder layers kept (0 = the full 30-layer model)")
+    parser.add_argument("--model", default=None, help="a local HF model directory instead of the embedded model")
     parser.add_argument("--precision", default="4bit", choices=("4bit", "fp32"))
     parser.add_argument("--num_prompts", type=int, default=2, help="S: prompts (DPO: pairs) per step")
     parser.add_argument("--max_length", type=int, default=256)
@@ -94,7 +99,7 @@ def parse():
 
 def paths(args):
     work = Path(args.work_dir)
-    pool = work / f"pool-L{args.layers}-{args.precision}-S{args.num_prompts}-m1-t{args.max_new_tokens}"
+    pool = work / f"pool-{model_tag(args)}-{args.precision}-S{args.num_prompts}-m1-t{args.max_new_tokens}"
     return work, pool, pool / "trl_sequences.json"
 
 
@@ -108,7 +113,7 @@ def prepare(args) -> dict:
     from dftlite.models import ModelConfig, load_model
 
     work, pool, sequences = paths(args)
-    model_config = ModelConfig(model_name_or_path=benchmark_model(args.layers, work), precision=args.precision, lora_r=16)
+    model_config = ModelConfig(model_name_or_path=model_argument(args, work), precision=args.precision, lora_r=16)
     data_config = gsm8k_data(args.num_prompts, args.max_length)
     model, tokenizer = load_model(model_config)
     ensure_pool(model_config, data_config, pool, 1, args.max_new_tokens, model, tokenizer)
@@ -122,24 +127,39 @@ def prepare(args) -> dict:
     return shape
 
 
-def compare(args) -> dict:
+def side_in_subprocess(args, side: str) -> dict:
+    """One side in a fresh process (its peak RSS is its own); returns the child's JSON."""
+    env = dict(os.environ)
+    if args.malloc_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    command = [sys.executable, __file__, *sys.argv[1:], "--child", side]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr)
+        raise SystemExit(f"{side} failed (exit {done.returncode})")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def side_in_process(args, side: str) -> dict:
+    """One side in this process (gpu_check.py on CUDA, where the step peaks are the allocator's and
+    need no fresh process; the process peak RSS then covers every side run so far)."""
+    result = child(argparse.Namespace(**{**vars(args), "child": side}))
+    gc.collect()
+    if on_cuda():
+        torch.cuda.empty_cache()  # the previous side's model is gone: hand its blocks back
+    return result
+
+
+def compare(args, run_side=side_in_subprocess) -> dict:
     sides = args.sides.split(",")
     set_threads(args.threads)  # as the children, so machine() reports it
     with contextlib.redirect_stdout(sys.stderr):
         shape = prepare(args)
     runs = {side: [] for side in sides}
-    env = dict(os.environ)
-    if args.malloc_mmap_threshold:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
-    child_args = [a for a in sys.argv[1:]]
     for number in range(args.rounds):
         for side in sides[number % len(sides):] + sides[:number % len(sides)]:  # rotate the first side
-            command = [sys.executable, __file__, *child_args, "--child", side]
-            done = subprocess.run(command, capture_output=True, text=True, env=env)
-            if done.returncode != 0:
-                sys.stderr.write(done.stderr)
-                raise SystemExit(f"{side} failed (exit {done.returncode})")
-            runs[side].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            with contextlib.redirect_stdout(sys.stderr):
+                runs[side].append(run_side(args, side))
             if runs[side][-1]["repacked_4bit"]:
                 raise SystemExit(f"{side}: 4-bit weights were repacked for inference, its gradients were wrong")
 
@@ -179,7 +199,7 @@ def compare(args) -> dict:
         "machine": machine(),
         "trl": version("trl"),
         "device": "cuda" if on_cuda() else "cpu",
-        "model": f"SmolLM2-135M-Instruct, {args.layers or 30} decoder layers, vocab 49152, LoRA r=16 all-linear",
+        "model": model_description(args),
         "precision": args.precision,
         "S": args.num_prompts,
         "step": shape,
@@ -199,7 +219,7 @@ def dftlite_trainer(args, side, meter):
     from dftlite.trainer import DFTConfig, build_trainer
 
     work, pool, _ = paths(args)
-    model_config = ModelConfig(model_name_or_path=benchmark_model(args.layers, work), precision=args.precision, **LORA)
+    model_config = ModelConfig(model_name_or_path=model_argument(args, work), precision=args.precision, **LORA)
     model, tokenizer = load_model(model_config, gradient_checkpointing=True)
     keep_4bit_trainable(model)  # dpo: its reference forward runs in eval mode without grad
     config = DFTConfig(output_dir=str(work / f"vs_trl-{side}"), method=side, pool_dir=str(pool), num_negatives_per_step=1,
@@ -223,7 +243,7 @@ def trl_trainer(args, meter):
             return dataset
 
     work, _, sequences = paths(args)
-    model, tokenizer = load_base_model(ModelConfig(model_name_or_path=benchmark_model(args.layers, work),
+    model, tokenizer = load_base_model(ModelConfig(model_name_or_path=model_argument(args, work),
                                                    precision=args.precision))
     keep_4bit_trainable(model)  # as on the dftlite sides (TRL's reference forward stays in train mode anyway)
     config = DPOConfig(output_dir=str(work / "vs_trl-trl_dpo"), per_device_train_batch_size=args.num_prompts,

