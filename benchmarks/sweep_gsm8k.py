@@ -6,7 +6,7 @@
 
 The question (docs/results.md): which settings keep the gold answers' likelihood at SFT's level
 while pushing the base model's negatives down? Every configuration trains the same LoRA on the
-same 128 GSM8K problems for the same 64 steps (S = 4 prompts, 2 epochs, B = 2 negatives per step)
+same 64 GSM8K problems for the same 32 steps (S = 4 prompts, 2 epochs, B = 2 negatives per step)
 and is scored on the first 150 dev problems against the same 2 dev negatives each (sampled once
 from the base under "You are an unhelpful assistant.", 128 new tokens):
   win rate, gold and negative log-likelihood per token, mean margin (`dftlite.evaluate.discrimination`).
@@ -70,7 +70,7 @@ def parse():
                         help='JSON {name: overrides} of configurations beyond CONFIGS, e.g. combinations of the best')
     parser.add_argument("--accuracy", default="", help="comma-separated names (or base) to also decode greedily")
     parser.add_argument("--report", action="store_true", help="only write docs/sweep_results.json and the figure")
-    parser.add_argument("--num_train", type=int, default=128)
+    parser.add_argument("--num_train", type=int, default=64)
     parser.add_argument("--num_dev", type=int, default=150)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--learning_rate", type=float, default=2e-4)

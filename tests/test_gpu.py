@@ -65,13 +65,15 @@ def _train_a_few_steps(model, input_ids, steps=3):
 
 
 def test_4bit_sampler_view_is_bit_exact_after_training_on_cuda(tiny_model_dir):
+    """Training the adapter leaves the 4-bit base that sampler_view exposes untouched, bit for bit.
+    (A separately loaded base is no reference: k-bit preparation keeps norms and head in float32.)"""
     pytest.importorskip("bitsandbytes")
     config = ModelConfig(model_name_or_path=str(tiny_model_dir), precision="4bit", lora_r=4, lora_dropout=0.1)
     model, tokenizer = load_model(config)
-    reference, _ = load_base_model(config)  # the same base weights quantized again, no adapter
-    reference.eval()
     assert model.device.type == "cuda"
     input_ids = tokenizer(["Natalia sold 48 clips in April."], return_tensors="pt")["input_ids"].to(model.device)
+    with torch.no_grad(), sampler_view(model):
+        expected = model(input_ids=input_ids).logits
 
     changed = _train_a_few_steps(model, input_ids)
     assert changed and all(changed), "every LoRA parameter should move"
@@ -79,7 +81,6 @@ def test_4bit_sampler_view_is_bit_exact_after_training_on_cuda(tiny_model_dir):
         adapted = model(input_ids=input_ids).logits
         with sampler_view(model):
             base = model(input_ids=input_ids).logits
-        expected = reference(input_ids=input_ids).logits
     assert torch.equal(base, expected), "sampler_view must be the 4-bit base model bit for bit"
     assert not torch.allclose(adapted, expected), "the trained adapter must change the logits"
 
