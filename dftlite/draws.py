@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from dftlite.data import DataConfig, DataError, EncodedPair, Example, encode_examples
-from dftlite.sampling import check_pool_compatible, load_pool, negatives_for
+from dftlite.sampling import check_pool_compatible, negatives_for, read_pool
 
 
 @dataclass
@@ -86,7 +86,7 @@ def load_split(
             f"  dftlite sample --model_name_or_path {model_name} {data_args} --pool_dir {pool_dir or '<pool_dir>'}\n"
             "(the same model, data and template as this run; add --num_negatives for B × epochs)"
         )
-    meta, records_by_id = load_pool(pool_dir)
+    meta, records_by_id = read_pool(pool_dir)
     check_pool_compatible(meta, model, tokenizer, data_config.template)
     missing = [i for i in ids if i not in records_by_id]
     if missing:
@@ -235,3 +235,21 @@ def pad_groups(groups: list[Group], pad_id: int, device) -> tuple[torch.Tensor, 
         attention_mask[n, :end] = 1
         completion_mask[n, len(prompt):end] = 1
     return input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
+
+
+class IndexDataset(torch.utils.data.Dataset):
+    """The Trainer's dataset: items are {key: example index}; `DFTTrainer` builds the sequences itself."""
+
+    def __init__(self, size: int, key: str):
+        self.size, self.key = size, key
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        return {self.key: index}
+
+
+def collate_indices(items: list[dict]) -> dict:
+    key = next(iter(items[0]))
+    return {key: torch.tensor([item[key] for item in items], dtype=torch.long)}

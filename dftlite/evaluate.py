@@ -283,9 +283,9 @@ def evaluate(model_config: ModelConfig, data_config: DataConfig, eval_config: Ev
             model, tokenizer = load_base_model(model_config)
     records_by_id = None
     if eval_config.pool_dir is not None:
-        from dftlite.sampling import check_pool_compatible, load_pool
+        from dftlite.sampling import check_pool_compatible, read_pool
 
-        meta, records_by_id = load_pool(eval_config.pool_dir)
+        meta, records_by_id = read_pool(eval_config.pool_dir)
         check_pool_compatible(meta, model, tokenizer, data_config.template)
 
     has_adapter = hasattr(model, "peft_config")

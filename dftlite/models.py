@@ -101,7 +101,32 @@ def resolve_model_source(name_or_path: str) -> tuple[str, str | None]:
         return str(path.parent), path.name
     if path.exists() and not path.is_dir():
         raise ValueError(f"model path {path} is a file but not a .gguf file; give a directory or a Hub id")
+    if not path.exists():
+        _check_hub_model_name(name_or_path)
     return name_or_path, None
+
+
+def _check_hub_model_name(name: str):
+    """A model argument that is neither an alias nor on disk must look like a Hub id (owner/name), or be in
+    the local Hub cache; otherwise say so at once, instead of letting transformers wait on the network."""
+    import difflib
+    import re
+
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith((".", "~")):
+        return  # a Hub id: transformers downloads it, or finds it in the cache
+    local = name.startswith((".", "/", "~")) or os.sep in name
+    if not local:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return  # an old-style Hub id without an owner ("gpt2"), cached on this machine
+    close = difflib.get_close_matches(name.lower(), list(MODEL_ALIASES), n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise FileNotFoundError(
+        f"model_name_or_path {name!r} is neither a known alias ({', '.join(MODEL_ALIASES)}) nor a local path "
+        f"({Path(name).expanduser().absolute()} does not exist).{hint} A Hub model is given as owner/name, "
+        "and needs the network or a local cache."
+    )
 
 
 def _file_digest(path: Path, limit: int = 1 << 24) -> str:

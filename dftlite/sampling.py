@@ -18,10 +18,14 @@ Pool directory:
                  text), logp_sampler = Σ_t log P_g0(y'_t | x̄, y'_<t) at temperature 1 from the raw
                  logits, logp_train_prompt (the same under the training prompt x, or null), gold_duplicate.
 
-Nothing lost, nothing mixed: each batch is appended whole, then fsynced, so a crash leaves at
-most a partial last line (no trailing newline), which `load_pool` ignores and `sample_pool`
-truncates before appending; a write that fails (a full disk) is cut back to the last whole batch.
-Rerunning resumes: finished (id, k) pairs are skipped. Different model (name or weight files),
+Nothing lost, nothing mixed: one `dftlite sample` at a time holds the pool's lock (a second one
+stops at once and names the first; `train` and `eval` refuse a pool that is still being written).
+Each batch is appended whole, then fsynced, so a crash leaves at most a partial last line (no
+trailing newline), which `load_pool` ignores and `sample_pool` truncates before appending; a write
+that fails (a full disk) is cut back to the last whole batch. A corrupt or duplicated complete line
+is an error naming the line; `--repair_pool true` keeps the records before it, moves the rest to
+pool.jsonl.bad-<time> and resamples. Rerunning resumes: finished (id, k) pairs are skipped.
+A pool with no complete record yet takes this run's settings. Different model (name or weight files),
 tokenizer, template, sampler prompt or sampling settings raise PoolMismatchError.
 num_negatives may grow on resume (the pool is extended with new k), never shrink.
 
@@ -34,21 +38,21 @@ differs, but it is still an exact sample of P_g0 and its logp_sampler is still e
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from dftlite.config import ConfigError, make_dir, save_resolved_config, write_text_atomic
+from dftlite.config import ConfigError, save_resolved_config
 from dftlite.data import DataConfig, DataError, encode_prompt, load_data, render_prompt
 from dftlite.models import ModelConfig, load_model, model_fingerprint, plain_generation_config, sampler_view, stop_token_ids
+from dftlite.outputs import (append_lines, check_not_being_written, complete_lines, cut_partial_line, make_dir,
+                             move_tail_aside, output_lock, write_text_atomic)
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +68,11 @@ MAX_AUTO_ROWS = 256
 
 class PoolMismatchError(ConfigError):  # a ValueError; the CLI prints ConfigErrors without a traceback
     """An existing pool was made with another model, tokenizer, template, prompt or sampling settings."""
+
+
+class PoolCorruptError(DataError):  # a ValueError; the CLI prints DataErrors without a traceback
+    """A pool file that does not parse, or a record written twice. The message names the file, the line,
+    and the repair (`dftlite sample --repair_pool true`)."""
 
 
 @dataclass
@@ -90,6 +99,10 @@ class SampleConfig:
     keep_gold_duplicates: bool = field(
         default=False, metadata={"help": "Train on negatives identical to the gold answer (stripped) anyway. "
                                  "dftlite eval always leaves them out (they would tie with the gold answer)."}
+    )
+    repair_pool: bool = field(
+        default=False, metadata={"help": "A pool.jsonl with a corrupt or duplicated line: keep the records before it, "
+                                 "move that line and the rest to pool.jsonl.bad-<time> (nothing is deleted), resample."}
     )
 
     def __post_init__(self):
@@ -130,33 +143,87 @@ class PoolStats:
 # Reading and checking a pool (also used by the trainer).
 
 
+def _repair_hint(pool_dir: Path, line_no: int) -> str:
+    kept = f"keeps the {line_no - 1} records before it" if line_no > 1 else "keeps no record"
+    return (f"To repair: `dftlite sample --pool_dir {pool_dir} --repair_pool true` with the pool's settings {kept}, "
+            f"moves line {line_no} and the rest to {POOL_FILE}.bad-<time>, and resamples them")
+
+
+def _first_bad_line(path: Path) -> tuple[int, int, str] | None:
+    """(line number, byte offset, problem) of the first complete line of a pool file that is not a new,
+    well-formed record; None when all are."""
+    seen, offset = set(), 0
+    for line_no, line in enumerate(complete_lines(path), start=1):
+        try:
+            record = json.loads(line)
+            key = (record["id"], record["k"])
+            hash(key)
+        except json.JSONDecodeError as err:
+            return line_no, offset, f"corrupt pool record ({err.msg} at column {err.colno})"
+        except (UnicodeDecodeError, KeyError, TypeError) as err:
+            return line_no, offset, f"corrupt pool record ({type(err).__name__}: {err})"
+        if key in seen:
+            return line_no, offset, f"duplicate record for id {key[0]!r}, k={key[1]} (written twice)"
+        seen.add(key)
+        offset += len(line) + 1
+    return None
+
+
+def _read_meta(pool_dir: Path) -> dict:
+    meta_path = pool_dir / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"no negative pool in {pool_dir} ({META_FILE} missing); run `dftlite sample` first")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        meta = err
+    if not isinstance(meta, dict):
+        raise PoolCorruptError(f"{meta_path}: not a pool's settings ({meta}); they cannot be recovered. Move {pool_dir} "
+                               "aside and sample a new pool")
+    return meta
+
+
 def load_pool(pool_dir: str | Path) -> tuple[dict, dict[str, list[dict]]]:
     """Read a pool: (meta, {id: records sorted by k}).
 
     The only thing dropped is a last line without a trailing newline (a write cut short by a
-    crash). A malformed complete line or a duplicate (id, k) is an error, never skipped.
+    crash). A malformed complete line or a duplicate (id, k) is a PoolCorruptError that names the
+    line and the repair, never skipped.
     """
     pool_dir = Path(pool_dir)
-    if not (pool_dir / META_FILE).is_file():
-        raise FileNotFoundError(f"no negative pool in {pool_dir} ({META_FILE} missing); run `dftlite sample` first")
-    meta = json.loads((pool_dir / META_FILE).read_text())
+    meta, path = _read_meta(pool_dir), pool_dir / POOL_FILE
+    bad = _first_bad_line(path)
+    if bad is not None:
+        line_no, _, problem = bad
+        raise PoolCorruptError(f"{path}:{line_no}: {problem}. {_repair_hint(pool_dir, line_no)}")
     records_by_id: dict[str, list[dict]] = {}
-    path = pool_dir / POOL_FILE
-    data = path.read_bytes() if path.is_file() else b""
-    complete = data[: data.rfind(b"\n") + 1]
-    for line_no, line in enumerate(complete.split(b"\n")[:-1], start=1):
-        try:
-            record = json.loads(line)
-            key = (record["id"], record["k"])
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}:{line_no}: corrupt pool record ({err}); the pool cannot be trusted") from None
-        records = records_by_id.setdefault(key[0], [])
-        if any(r["k"] == key[1] for r in records):
-            raise ValueError(f"{path}:{line_no}: duplicate record for id {key[0]!r}, k={key[1]}")
-        records.append(record)
+    for line in complete_lines(path):
+        record = json.loads(line)
+        records_by_id.setdefault(record["id"], []).append(record)
     for records in records_by_id.values():
         records.sort(key=lambda r: r["k"])
     return meta, records_by_id
+
+
+def repair_pool(pool_dir: str | Path) -> Path | None:
+    """Keep the well-formed records before the first bad line of pool.jsonl; move that line and all after it
+    to pool.jsonl.bad-<time> (nothing is deleted). Returns that file, or None when nothing was wrong."""
+    path = Path(pool_dir) / POOL_FILE
+    cut_partial_line(path)
+    bad = _first_bad_line(path)
+    if bad is None:
+        return None
+    line_no, offset, problem = bad
+    aside = move_tail_aside(path, offset)
+    logger.warning("repaired %s: kept the %d records before line %d (%s); moved line %d and the rest (%d bytes) to %s",
+                   path, line_no - 1, line_no, problem, line_no, aside.stat().st_size, aside)
+    return aside
+
+
+def read_pool(pool_dir: str | Path, what: str = "pool_dir") -> tuple[dict, dict[str, list[dict]]]:
+    """`load_pool` for a reader (train, eval): refused while a `dftlite sample` still writes the pool."""
+    check_not_being_written(pool_dir, what)
+    return load_pool(pool_dir)
 
 
 def _differences(meta: dict, expected: dict, prefix: str = "") -> list[str]:
@@ -298,48 +365,12 @@ def _write_meta(pool_dir: Path, meta: dict):
     write_text_atomic(pool_dir / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
 
 
-def _truncate_partial_line(path: Path) -> int:
-    """Cut a last line without a newline (a crash mid-write); return the bytes removed."""
-    if not path.is_file():
-        return 0
-    with open(path, "r+b") as handle:
-        size = end = handle.seek(0, os.SEEK_END)
-        keep = 0
-        while end > 0:  # scan back from the end in 64 KiB blocks for the last newline
-            start = max(0, end - (1 << 16))
-            handle.seek(start)
-            newline = handle.read(end - start).rfind(b"\n")
-            if newline >= 0:
-                keep = start + newline + 1
-                break
-            end = start
-        if keep < size:
-            handle.truncate(keep)
-            handle.flush()
-            os.fsync(handle.fileno())
-    return size - keep
-
-
 def _append_records(path: Path, records: list[dict]):
-    """Append whole lines, then fsync: a kill leaves at most a partial last line.
-
-    A failed write (a full disk, a quota) is undone: the file is cut back to where this batch
-    began, so it holds only complete batches, and the error says so."""
+    """Append whole lines, then fsync: a kill leaves at most a partial last line. A failed write (a full
+    disk, a quota) is undone, so the file holds only complete batches, and the error says so."""
     payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-    with open(path, "ab", buffering=0) as handle:  # unbuffered: nothing is left to flush at close after an error
-        start = handle.seek(0, os.SEEK_END)
-        try:
-            view = memoryview(payload)
-            while view:  # a raw write may take only part of the payload
-                view = view[handle.write(view):]
-            os.fsync(handle.fileno())
-        except OSError as err:
-            with contextlib.suppress(OSError):
-                os.ftruncate(handle.fileno(), start)
-            raise OSError(
-                err.errno, f"{err.strerror} while appending {len(records)} records to {path}; the pool keeps its "
-                "complete records, and rerunning `dftlite sample` resumes from them"
-            ) from err
+    append_lines(path, payload, f"{len(records)} records (the pool keeps its complete records, and rerunning "
+                                "`dftlite sample` resumes from them)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,22 +412,31 @@ def _prepare_prompts(model, tokenizer, examples, template: str, config: SampleCo
 
 
 def _open_pool(pool_dir: Path, meta: dict, model, tokenizer, template, config, prompts) -> dict[str, list[dict]]:
-    """Create the pool, or check an existing one against this run and return its records."""
+    """Create the pool, or check an existing one against this run and return its records.
+
+    A pool without a single complete record (a first run killed before it wrote one) has nothing to
+    protect: this run's settings take it over."""
     if not (pool_dir / META_FILE).is_file():
         if (pool_dir / POOL_FILE).is_file() and (pool_dir / POOL_FILE).stat().st_size:
             raise PoolMismatchError(f"{pool_dir / POOL_FILE} exists without {META_FILE}; refusing to mix into it")
         _write_meta(pool_dir, meta)
         return {}
-    old_meta = json.loads((pool_dir / META_FILE).read_text())
+    if not complete_lines(pool_dir / POOL_FILE):
+        cut_partial_line(pool_dir / POOL_FILE)
+        _write_meta(pool_dir, meta)
+        return {}
+    old_meta = _read_meta(pool_dir)
     check_pool_compatible(old_meta, model, tokenizer, template, config)
     if old_meta.get("num_negatives", 0) > config.num_negatives:
         raise PoolMismatchError(
             f"the pool in {pool_dir} has num_negatives={old_meta['num_negatives']}; it can grow, not shrink "
             f"(now {config.num_negatives}). Use num_negatives >= {old_meta['num_negatives']} or a new pool_dir."
         )
-    removed = _truncate_partial_line(pool_dir / POOL_FILE)
+    removed = cut_partial_line(pool_dir / POOL_FILE)
     if removed:
         logger.warning("removed a partial last line (%d bytes) of %s left by an interrupted run", removed, pool_dir / POOL_FILE)
+    if config.repair_pool:
+        repair_pool(pool_dir)
     _, records_by_id = load_pool(pool_dir)
     by_id = {p.id: p for p in prompts}
     unknown = sorted(set(records_by_id) - set(by_id))
@@ -442,12 +482,20 @@ def _statistics(records_by_id: dict[str, list[dict]]) -> dict:
 
 
 def sample_pool(model_config: ModelConfig, data_config: DataConfig, sample_config: SampleConfig, model=None, tokenizer=None) -> PoolStats:
-    """Sample (or resume) the negative pool of every training prompt into sample_config.pool_dir."""
+    """Sample (or resume) the negative pool of every training prompt into sample_config.pool_dir.
+
+    pool_dir is locked for the run (`dftlite.outputs.output_lock`): a second run on it stops at once."""
+    examples = load_data(data_config)  # raises DataError on an empty dataset
+    with output_lock(sample_config.pool_dir, "pool_dir"):  # before the model loads: a second run stops at once
+        return _sample_pool(model_config, data_config, sample_config, examples, model, tokenizer)
+
+
+def _sample_pool(model_config: ModelConfig, data_config: DataConfig, sample_config: SampleConfig, examples, model,
+                 tokenizer) -> PoolStats:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
 
-    examples = load_data(data_config)  # raises DataError on an empty dataset
     if model is None or tokenizer is None:
         model, tokenizer = load_model(model_config)
     config, template = sample_config, data_config.template
