@@ -145,8 +145,8 @@ class PoolStats:
 
 def _repair_hint(pool_dir: Path, line_no: int) -> str:
     kept = f"keeps the {line_no - 1} records before it" if line_no > 1 else "keeps no record"
-    return (f"To repair: `dftlite sample --pool_dir {pool_dir} --repair_pool true` with the pool's settings {kept}, "
-            f"moves line {line_no} and the rest to {POOL_FILE}.bad-<time>, and resamples them")
+    return (f"To repair, run `dftlite sample` with the settings the pool was made with and --repair_pool true: it {kept}, "
+            f"moves line {line_no} and the rest to {pool_dir / POOL_FILE}.bad-<time> (nothing is deleted), and resamples them")
 
 
 def _first_bad_line(path: Path) -> tuple[int, int, str] | None:
@@ -159,7 +159,7 @@ def _first_bad_line(path: Path) -> tuple[int, int, str] | None:
             key = (record["id"], record["k"])
             hash(key)
         except json.JSONDecodeError as err:
-            return line_no, offset, f"corrupt pool record ({err.msg} at column {err.colno})"
+            return line_no, offset, f"corrupt pool record: {err.msg} (column {err.colno})"
         except (UnicodeDecodeError, KeyError, TypeError) as err:
             return line_no, offset, f"corrupt pool record ({type(err).__name__}: {err})"
         if key in seen:
