@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,7 +175,7 @@ def _load_hub_dataset(datasets, name: str, split: str, path: Path):
         offline = " (offline: HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(
-            f"{name}: no such local file or directory ({path.absolute()}), and the Hub dataset could not be loaded"
+            f"{name}: no such local file or directory ({os.path.abspath(path)}), and the Hub dataset could not be loaded"
             f"{offline}: {reason}. A Hub dataset needs the network or the local datasets cache."
         ) from None
 
@@ -200,7 +201,7 @@ def read_records(source, split: str = "train") -> list[tuple[str, Any]]:
         except Exception as err:  # truncated or foreign Arrow files raise several pyarrow/datasets types
             raise DataError(f"{path}: cannot read the saved dataset ({type(err).__name__}: {err})") from None
     elif not is_hub_dataset_name(str(source)):
-        raise DataError(f"data file not found: {source} (looked for {path.absolute()})")
+        raise DataError(f"data file not found: {source} (looked for {os.path.abspath(path)})")
     else:
         loaded = _load_hub_dataset(datasets, str(source), split, path)
     if isinstance(loaded, datasets.DatasetDict):

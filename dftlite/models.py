@@ -124,7 +124,7 @@ def _check_hub_model_name(name: str):
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise FileNotFoundError(
         f"model_name_or_path {name!r} is neither a known alias ({', '.join(MODEL_ALIASES)}) nor a local path "
-        f"({Path(name).expanduser().absolute()} does not exist).{hint} A Hub model is given as owner/name, "
+        f"({os.path.abspath(os.path.expanduser(name))} does not exist).{hint} A Hub model is given as owner/name, "
         "and needs the network or a local cache."
     )
 
