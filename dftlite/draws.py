@@ -25,11 +25,13 @@ the training prompt x_i; `micro_batches` packs whole groups under a token budget
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from dftlite.config import ConfigError
 from dftlite.data import DataConfig, DataError, EncodedPair, Example, encode_examples
 from dftlite.sampling import check_pool_compatible, negatives_for, read_pool
 
@@ -185,6 +187,32 @@ class NegativeDraws:
 
 # ---------------------------------------------------------------------------------------------
 # The sequences of a step.
+
+
+def epochs_planned(num_examples: int, args) -> int:
+    """Epochs the Trainer will start for these TrainingArguments: each takes one draw per example."""
+    batches = num_examples / (args.per_device_train_batch_size * args.world_size)
+    batches = math.floor(batches) if args.dataloader_drop_last else math.ceil(batches)
+    updates_per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+    if args.max_steps > 0:
+        return math.ceil(args.max_steps / updates_per_epoch)
+    return math.ceil(args.num_train_epochs)
+
+
+def check_whole_batches(num_examples: int, args):
+    """Several processes: refuse a last batch that accelerate would even out with repeats.
+
+    accelerate (even_batches) fills the short last batch of an epoch with examples from that
+    epoch's first batch; they would be trained, drawn and written into u a second time."""
+    global_batch = args.per_device_train_batch_size * args.world_size
+    if args.world_size > 1 and not args.dataloader_drop_last and num_examples % global_batch:
+        raise ConfigError(
+            f"{num_examples} training examples do not fill whole global batches of {global_batch} prompts "
+            f"({args.per_device_train_batch_size} per device × {args.world_size} processes), and accelerate would "
+            "fill each epoch's last batch with examples already trained in that epoch. Set dataloader_drop_last: "
+            f"true (each epoch then leaves out {num_examples % global_batch} examples, different ones each time), "
+            "or a per_device_train_batch_size that divides the data evenly."
+        )
 
 
 @dataclass

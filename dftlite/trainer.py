@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -40,8 +39,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from dftlite.config import ConfigError
 from dftlite.data import DataConfig, load_data
 from dftlite.dft_config import DFTConfig
-from dftlite.draws import (Group, IndexDataset, NegativeDraws, Split, collate_indices, load_split, micro_batches,
-                           pad_groups)
+from dftlite.draws import (Group, IndexDataset, NegativeDraws, Split, check_whole_batches, collate_indices,
+                           epochs_planned, load_split, micro_batches, pad_groups)
 from dftlite.estimators import LogUTable
 from dftlite.logprobs import sequence_logprobs
 from dftlite.losses import dft2_loss, dft_loss, dpo_loss, simpo_loss, sft_loss
@@ -88,7 +87,7 @@ class DFTTrainer(Trainer):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.uses_u = args.method in ("dft", "dft2")
         per_draw = 0 if args.method == "sft" else args.num_negatives_per_step
-        self._check_whole_batches(len(train_split))
+        check_whole_batches(len(train_split), args)
         if self.is_deepspeed_enabled and args.token_budget:
             # accelerate's DeepSpeed backward steps the optimizer at every backward of a synced step
             raise ConfigError("DeepSpeed needs token_budget: 0 (one backward per step); to save memory lower "
@@ -98,7 +97,7 @@ class DFTTrainer(Trainer):
         self.log_u = LogUTable(len(train_split), init=args.u_init)
         self.draws = self._draws(train_split, per_draw)
         if per_draw:
-            self.draws.check_capacity(self._epochs_planned())
+            self.draws.check_capacity(epochs_planned(len(train_split), args))
         self.eval_draws = None
         if eval_split is not None:  # evaluation scores held-out negatives whenever there is a pool, SFT included
             eval_per_draw = args.num_negatives_per_step if any(eval_split.negatives) else 0
@@ -109,35 +108,9 @@ class DFTTrainer(Trainer):
         self._last_log_time = None
         self._failure = None  # several processes: a NonFiniteLossError held until all processes know (see _fail)
 
-    def _check_whole_batches(self, num_examples: int):
-        """Several processes: refuse a last batch that accelerate would even out with repeats.
-
-        accelerate (even_batches) fills the short last batch of an epoch with examples from that
-        epoch's first batch; they would be trained, drawn and written into u a second time."""
-        args = self.args
-        global_batch = args.per_device_train_batch_size * args.world_size
-        if args.world_size > 1 and not args.dataloader_drop_last and num_examples % global_batch:
-            raise ConfigError(
-                f"{num_examples} training examples do not fill whole global batches of {global_batch} prompts "
-                f"({args.per_device_train_batch_size} per device × {args.world_size} processes), and accelerate would "
-                "fill each epoch's last batch with examples already trained in that epoch. Set dataloader_drop_last: "
-                f"true (each epoch then leaves out {num_examples % global_batch} examples, different ones each time), "
-                "or a per_device_train_batch_size that divides the data evenly."
-            )
-
     def _draws(self, split: Split, per_draw: int) -> NegativeDraws:
         counts = [len(negatives) for negatives in split.negatives]
         return NegativeDraws(split.ids, counts, per_draw, self.args.seed, self.args.allow_negative_reuse)
-
-    def _epochs_planned(self) -> int:
-        """Epochs the Trainer will start: each takes one draw per example."""
-        args = self.args
-        batches = len(self.train_split) / (args.per_device_train_batch_size * args.world_size)
-        batches = math.floor(batches) if args.dataloader_drop_last else math.ceil(batches)
-        updates_per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
-        if args.max_steps > 0:
-            return math.ceil(args.max_steps / updates_per_epoch)
-        return math.ceil(args.num_train_epochs)
 
     def train(self, *args, **kwargs):
         """Trainer.train, with Ctrl-C turned into: save a checkpoint at the next step boundary, then stop."""
@@ -341,7 +314,7 @@ class DFTTrainer(Trainer):
             rows = rows[rows[:, 0] >= 0]
             self._raise_held_failure(bool((rows[:, 2] > 0).any()), train=True)
             self.interrupt.agreed = bool((rows[:, 3] > 0).any())
-            # distinct examples: _check_whole_batches rules out accelerate's repeats in an epoch's last batch
+            # distinct examples: draws.check_whole_batches rules out accelerate's repeats in an epoch's last batch
         index = rows[:, 0].long()
         if new_log_u is not None:
             self.log_u.update(index, rows[:, 1])
