@@ -130,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
 
         Console(stderr=True, soft_wrap=True).print(Text.assemble((f"dftlite {args.command}: error: ", "bold red"), str(err)))
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C in train, or any in sample/eval/export: outputs are whole (dftlite.outputs)
+        resume = {"sample": " (it resumes)", "train": " with --resume_from_checkpoint last"}.get(args.command, "")
+        print(f"\ndftlite {args.command}: interrupted; its outputs are whole or absent. Run it again{resume}.", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -32,6 +32,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -156,11 +157,17 @@ def make_dir(path: str | Path, what: str) -> Path:
     return path
 
 
+def _temporary_sibling(path: Path) -> Path:
+    """A name next to `path` that no other writer uses: two runs writing the same file (two evals with one
+    json_path) each rename a whole file of their own, and the last one wins."""
+    return path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
 def write_text_atomic(path: str | Path, text: str):
     """Write a temporary sibling, then rename it over `path`: readers see the old file or the new one,
     never half of one. A failed write (a full disk) leaves no temporary file, and its error names `path`."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _temporary_sibling(path)
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
@@ -175,7 +182,7 @@ def write_tensors_atomic(path: str | Path, tensors: dict):
     from safetensors.torch import save_file
 
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _temporary_sibling(path)
     try:
         save_file(tensors, str(tmp))
         os.replace(tmp, path)
