@@ -33,7 +33,7 @@ import torch
 
 from dftlite.config import ConfigError
 from dftlite.data import DataConfig, DataError, EncodedPair, Example, encode_examples
-from dftlite.sampling import check_pool_compatible, negatives_for, read_pool
+from dftlite.pool import check_pool_compatible, negatives_for, read_pool
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The negative pool: completions y' ~ P_g0(.|x̄) from the frozen base model, sampled offline.
+"""Sampling the negative pool: completions y' ~ P_g0(.|x̄) from the frozen base model, offline.
 
 Discriminative Fine-Tuning (Guo et al. 2025, arXiv 2502.18679, §4.2 and App. B.5) contrasts
 each training answer y_i with m negatives y' drawn from the base model under an adversarial
@@ -7,27 +7,8 @@ The sampler is `sampler_view(model)`: the same loaded (possibly 4-bit) model, ad
 
     dftlite sample --config configs/smollm2-135m_gsm8k_dft2_cpu.yaml
 
-    from dftlite.sampling import load_pool, negatives_for
-    meta, records_by_id = load_pool("runs/demo/pool-train")
-    negatives = negatives_for(records_by_id[example.id], meta)
-
-Pool directory:
-    meta.json    format_version, model fingerprint, template, sampler prompt and sampling settings.
-    pool.jsonl   one record per (id, k), k < num_negatives: text, token_ids (with the EOS if
-                 generated), num_tokens, finish_reason ("eos" | "length"), sampler_prompt (x̄ as
-                 text), logp_sampler = Σ_t log P_g0(y'_t | x̄, y'_<t) at temperature 1 from the raw
-                 logits, logp_train_prompt (the same under the training prompt x, or null), gold_duplicate.
-
-Nothing lost, nothing mixed: one `dftlite sample` at a time holds the pool's lock (a second one
-stops at once and names the first; `train` and `eval` refuse a pool that is still being written).
-Each batch is appended whole, then fsynced, so a crash leaves at most a partial last line (no
-trailing newline), which `load_pool` ignores and `sample_pool` truncates before appending; a write
-that fails (a full disk) is cut back to the last whole batch. A corrupt or duplicated complete line
-is an error naming the line; `--repair_pool true` keeps the records before it, moves the rest to
-pool.jsonl.bad-<time> and resamples. Rerunning resumes: finished (id, k) pairs are skipped.
-A pool with no complete record yet takes this run's settings. Different model (name or weight files),
-tokenizer, template, sampler prompt or sampling settings raise PoolMismatchError.
-num_negatives may grow on resume (the pool is extended with new k), never shrink.
+The pool's files, how they stay whole, resume and get repaired: `dftlite.pool` (its names are
+importable from here too). `sample_pool` holds the pool's lock for the run.
 
 Sampling is seeded per (seed, id, k), so a completion does not depend on the batch it ran in, with
 one caveat: padded, batched matmuls differ from unbatched ones in the last bits of the logits, so
@@ -35,12 +16,9 @@ when the uniform draw lands within rounding error of a boundary of the inverse C
 flip (≈1e-7 per token in fp32; more likely in bf16/fp16/4-bit). From that token on the completion
 differs, but it is still an exact sample of P_g0 and its logp_sampler is still exact.
 """
-
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -48,31 +26,19 @@ from pathlib import Path
 
 import torch
 
-from dftlite.config import ConfigError, save_resolved_config
+from dftlite.config import save_resolved_config
 from dftlite.data import DataConfig, DataError, encode_prompt, load_data, render_prompt
 from dftlite.models import ModelConfig, load_model, model_fingerprint, plain_generation_config, sampler_view, stop_token_ids
-from dftlite.outputs import (append_lines, check_not_being_written, complete_lines, cut_partial_line, make_dir,
-                             move_tail_aside, output_lock, write_text_atomic)
+from dftlite.outputs import make_dir, output_lock
+from dftlite.pool import (  # noqa: F401 (the pool's names, importable from dftlite.sampling as before)
+    FORMAT_VERSION, META_FILE, POOL_FILE, SAMPLING_KEYS, PoolCorruptError, PoolMismatchError, append_records,
+    check_pool_compatible, load_pool, negatives_for, open_pool, pool_settings, read_pool, repair_pool,
+)
 
-logger = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-META_FILE, POOL_FILE = "meta.json", "pool.jsonl"
-# Settings that change what is sampled: a pool made with other values is not this pool.
-SAMPLING_KEYS = ("template", "sampler_system_prompt", "temperature", "top_k", "top_p", "max_new_tokens", "seed", "score_train_prompt")
 # batch_size=0: rows per generate call such that rows * (longest prompt + max_new_tokens) stays
 # within this many tokens of KV cache (SmolLM2-135M fp32: ~46 KB/token, so ~0.4 GB on CPU).
 AUTO_TOKEN_BUDGET = {"cpu": 8192, "cuda": 65536}
 MAX_AUTO_ROWS = 256
-
-
-class PoolMismatchError(ConfigError):  # a ValueError; the CLI prints ConfigErrors without a traceback
-    """An existing pool was made with another model, tokenizer, template, prompt or sampling settings."""
-
-
-class PoolCorruptError(DataError):  # a ValueError; the CLI prints DataErrors without a traceback
-    """A pool file that does not parse, or a record written twice. The message names the file, the line,
-    and the repair (`dftlite sample --repair_pool true`)."""
 
 
 @dataclass
@@ -137,130 +103,6 @@ class PoolStats:
     mean_tokens: float
     share_length: float  # hit max_new_tokens
     share_gold_duplicate: float
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading and checking a pool (also used by the trainer).
-
-
-def _repair_hint(pool_dir: Path, line_no: int) -> str:
-    kept = f"keeps the {line_no - 1} records before it" if line_no > 1 else "keeps no record"
-    return (f"To repair, run `dftlite sample` with the settings the pool was made with and --repair_pool true: it {kept}, "
-            f"moves line {line_no} and the rest to {pool_dir / POOL_FILE}.bad-<time> (nothing is deleted), and resamples them")
-
-
-def _first_bad_line(path: Path) -> tuple[int, int, str] | None:
-    """(line number, byte offset, problem) of the first complete line of a pool file that is not a new,
-    well-formed record; None when all are."""
-    seen, offset = set(), 0
-    for line_no, line in enumerate(complete_lines(path), start=1):
-        try:
-            record = json.loads(line)
-            key = (record["id"], record["k"])
-            hash(key)
-        except json.JSONDecodeError as err:
-            return line_no, offset, f"corrupt pool record: {err.msg} (column {err.colno})"
-        except (UnicodeDecodeError, KeyError, TypeError) as err:
-            return line_no, offset, f"corrupt pool record ({type(err).__name__}: {err})"
-        if key in seen:
-            return line_no, offset, f"duplicate record for id {key[0]!r}, k={key[1]} (written twice)"
-        seen.add(key)
-        offset += len(line) + 1
-    return None
-
-
-def _read_meta(pool_dir: Path) -> dict:
-    meta_path = pool_dir / META_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"no negative pool in {pool_dir} ({META_FILE} missing); run `dftlite sample` first")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        meta = err
-    if not isinstance(meta, dict):
-        raise PoolCorruptError(f"{meta_path}: not a pool's settings ({meta}); they cannot be recovered. Move {pool_dir} "
-                               "aside and sample a new pool")
-    return meta
-
-
-def load_pool(pool_dir: str | Path) -> tuple[dict, dict[str, list[dict]]]:
-    """Read a pool: (meta, {id: records sorted by k}).
-
-    The only thing dropped is a last line without a trailing newline (a write cut short by a
-    crash). A malformed complete line or a duplicate (id, k) is a PoolCorruptError that names the
-    line and the repair, never skipped.
-    """
-    pool_dir = Path(pool_dir)
-    meta, path = _read_meta(pool_dir), pool_dir / POOL_FILE
-    bad = _first_bad_line(path)
-    if bad is not None:
-        line_no, _, problem = bad
-        raise PoolCorruptError(f"{path}:{line_no}: {problem}. {_repair_hint(pool_dir, line_no)}")
-    records_by_id: dict[str, list[dict]] = {}
-    for line in complete_lines(path):
-        record = json.loads(line)
-        records_by_id.setdefault(record["id"], []).append(record)
-    for records in records_by_id.values():
-        records.sort(key=lambda r: r["k"])
-    return meta, records_by_id
-
-
-def repair_pool(pool_dir: str | Path) -> Path | None:
-    """Keep the well-formed records before the first bad line of pool.jsonl; move that line and all after it
-    to pool.jsonl.bad-<time> (nothing is deleted). Returns that file, or None when nothing was wrong."""
-    path = Path(pool_dir) / POOL_FILE
-    cut_partial_line(path)
-    bad = _first_bad_line(path)
-    if bad is None:
-        return None
-    line_no, offset, problem = bad
-    aside = move_tail_aside(path, offset)
-    logger.warning("repaired %s: kept the %d records before line %d (%s); moved line %d and the rest (%d bytes) to %s",
-                   path, line_no - 1, line_no, problem, line_no, aside.stat().st_size, aside)
-    return aside
-
-
-def read_pool(pool_dir: str | Path, what: str = "pool_dir") -> tuple[dict, dict[str, list[dict]]]:
-    """`load_pool` for a reader (train, eval): refused while a `dftlite sample` still writes the pool."""
-    check_not_being_written(pool_dir, what)
-    return load_pool(pool_dir)
-
-
-def _differences(meta: dict, expected: dict, prefix: str = "") -> list[str]:
-    diffs = []
-    for key, value in expected.items():
-        if isinstance(value, dict) and isinstance(meta.get(key), dict):
-            diffs += _differences(meta[key], value, f"{prefix}{key}.")
-        elif meta.get(key, "<missing>") != value:
-            diffs.append(f"{prefix}{key} (pool: {meta.get(key, '<missing>')!r}, now: {value!r})")
-    return diffs
-
-
-def check_pool_compatible(meta: dict, model, tokenizer, template: str | None = None, sample_config: SampleConfig | None = None):
-    """Raise PoolMismatchError unless the pool was sampled from this model + tokenizer
-    (and, when given, this template and these sampling settings)."""
-    expected = {"format_version": FORMAT_VERSION, "fingerprint": model_fingerprint(model, tokenizer)}
-    if template is not None:
-        expected["template"] = template
-    if sample_config is not None:
-        expected.update({k: v for k, v in _settings(sample_config).items() if k != "template"})
-    diffs = _differences(meta, expected)
-    if diffs:
-        raise PoolMismatchError(
-            "the negative pool was made with other settings: " + "; ".join(diffs)
-            + ". Use a new pool_dir, or the pool's settings."
-        )
-
-
-def negatives_for(records: list[dict], meta: dict | None = None) -> list[dict]:
-    """The records usable as negatives: gold duplicates are left out unless meta['keep_gold_duplicates']."""
-    keep = bool(meta and meta.get("keep_gold_duplicates"))
-    return [r for r in records if keep or not r["gold_duplicate"]]
-
-
-def _settings(config: SampleConfig, template: str | None = None) -> dict:
-    settings = {k: getattr(config, k) for k in SAMPLING_KEYS if k != "template"}
-    return settings if template is None else {"template": template, **settings}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,22 +200,6 @@ def score_completions(model, prompt_ids: list[list[int]], completion_ids: list[l
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing.
-
-
-def _write_meta(pool_dir: Path, meta: dict):
-    write_text_atomic(pool_dir / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-
-
-def _append_records(path: Path, records: list[dict]):
-    """Append whole lines, then fsync: a kill leaves at most a partial last line. A failed write (a full
-    disk, a quota) is undone, so the file holds only complete batches, and the error says so."""
-    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-    append_lines(path, payload, f"{len(records)} records (the pool keeps its complete records, and rerunning "
-                                "`dftlite sample` resumes from them)")
-
-
-# ---------------------------------------------------------------------------------------------
 # The job.
 
 
@@ -409,47 +235,6 @@ def _prepare_prompts(model, tokenizer, examples, template: str, config: SampleCo
             )
         prompts.append(_Prompt(example.id, example.answer, text, sampler_ids, train_ids))
     return prompts
-
-
-def _open_pool(pool_dir: Path, meta: dict, model, tokenizer, template, config, prompts) -> dict[str, list[dict]]:
-    """Create the pool, or check an existing one against this run and return its records.
-
-    A pool without a single complete record (a first run killed before it wrote one) has nothing to
-    protect: this run's settings take it over."""
-    if not (pool_dir / META_FILE).is_file():
-        if (pool_dir / POOL_FILE).is_file() and (pool_dir / POOL_FILE).stat().st_size:
-            raise PoolMismatchError(f"{pool_dir / POOL_FILE} exists without {META_FILE}; refusing to mix into it")
-        _write_meta(pool_dir, meta)
-        return {}
-    if not complete_lines(pool_dir / POOL_FILE):
-        cut_partial_line(pool_dir / POOL_FILE)
-        _write_meta(pool_dir, meta)
-        return {}
-    old_meta = _read_meta(pool_dir)
-    check_pool_compatible(old_meta, model, tokenizer, template, config)
-    if old_meta.get("num_negatives", 0) > config.num_negatives:
-        raise PoolMismatchError(
-            f"the pool in {pool_dir} has num_negatives={old_meta['num_negatives']}; it can grow, not shrink "
-            f"(now {config.num_negatives}). Use num_negatives >= {old_meta['num_negatives']} or a new pool_dir."
-        )
-    removed = cut_partial_line(pool_dir / POOL_FILE)
-    if removed:
-        logger.warning("removed a partial last line (%d bytes) of %s left by an interrupted run", removed, pool_dir / POOL_FILE)
-    if config.repair_pool:
-        repair_pool(pool_dir)
-    _, records_by_id = load_pool(pool_dir)
-    by_id = {p.id: p for p in prompts}
-    unknown = sorted(set(records_by_id) - set(by_id))
-    if unknown:
-        raise PoolMismatchError(
-            f"the pool in {pool_dir} holds {len(unknown)} id(s) not in the dataset, e.g. {unknown[:3]}; "
-            "it was made from other data. Use a new pool_dir."
-        )
-    for example_id, records in records_by_id.items():
-        if records[0]["sampler_prompt"] != by_id[example_id].sampler_prompt:
-            raise PoolMismatchError(f"id {example_id!r}: the pool's sampler prompt differs from this dataset's; use a new pool_dir")
-    _write_meta(pool_dir, meta)  # num_negatives may have grown; keep_gold_duplicates may have changed
-    return records_by_id
 
 
 def _batches(todo: list[tuple[_Prompt, int]], config: SampleConfig, device_type: str):
@@ -506,11 +291,11 @@ def _sample_pool(model_config: ModelConfig, data_config: DataConfig, sample_conf
     meta = {
         "format_version": FORMAT_VERSION,
         "fingerprint": model_fingerprint(model, tokenizer),
-        **_settings(config, template),
+        **pool_settings(config, template),
         "num_negatives": config.num_negatives,
         "keep_gold_duplicates": config.keep_gold_duplicates,
     }
-    records_by_id = _open_pool(pool_dir, meta, model, tokenizer, template, config, prompts)
+    records_by_id = open_pool(pool_dir, meta, model, tokenizer, template, config, prompts)
     save_resolved_config(pool_dir, model_config, data_config, sample_config)
 
     done = {(r["id"], r["k"]) for rs in records_by_id.values() for r in rs}
@@ -544,7 +329,7 @@ def _sample_pool(model_config: ModelConfig, data_config: DataConfig, sample_conf
                     "finish_reason": finish_reason, "sampler_prompt": prompt.sampler_prompt, "logp_sampler": logp,
                     "logp_train_prompt": train_logp, "gold_duplicate": text.strip() == prompt.answer.strip(),
                 })
-            _append_records(pool_dir / POOL_FILE, records)
+            append_records(pool_dir / POOL_FILE, records)
             for record in records:
                 records_by_id.setdefault(record["id"], []).append(record)
                 remaining[record["id"]] -= 1
