@@ -433,14 +433,6 @@ def train(model_config: ModelConfig, data_config: DataConfig, dft_config: DFTCon
     """Train, then write <output_dir>/adapter, dft_state.*, log_history.jsonl, the config and the curves.
 
     output_dir is locked for the run (`dftlite.outputs.output_lock`): a second run on it stops at once."""
-    # before the Trainer (and its accelerator) exists, the launcher's RANK says which process writes
-    if int(os.environ.get("RANK", "0")) != 0:
-        return _train(model_config, data_config, dft_config, model, tokenizer)
-    with output_lock(dft_config.output_dir, "output_dir"):
-        return _train(model_config, data_config, dft_config, model, tokenizer)
-
-
-def _train(model_config: ModelConfig, data_config: DataConfig, dft_config: DFTConfig, model, tokenizer) -> TrainResult:
     from rich.console import Console
     from rich.table import Table
 
@@ -449,37 +441,39 @@ def _train(model_config: ModelConfig, data_config: DataConfig, dft_config: DFTCo
 
     console = Console()
     output_dir = Path(dft_config.output_dir)
-    trainer = build_trainer(model_config, data_config, dft_config, model, tokenizer)
-    if trainer.args.should_save:
-        save_resolved_config(output_dir, model_config, data_config, dft_config)
-    resume = dft_config.resume_from_checkpoint
-    if resume == "last":
-        resume = last_complete_checkpoint(output_dir) if output_dir.is_dir() else None
-        if resume is None:
-            raise ConfigError(f"resume_from_checkpoint: last, but {output_dir} holds no complete checkpoint")
-    output = trainer.train(resume_from_checkpoint=resume)
-    if trainer.interrupt.stopped_at is not None:
-        checkpoint = output_dir / f"{PREFIX_CHECKPOINT_DIR}-{trainer.interrupt.stopped_at}"
-        console.print(f"[bold yellow]Interrupted[/]: checkpoint saved at step {trainer.interrupt.stopped_at} in {checkpoint}. "
-                      f"Resume with: dftlite train ... --resume_from_checkpoint {checkpoint}")
-        raise SystemExit(130)
-    metrics = dict(output.metrics)
-    step_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    metrics.update(step_logs[-1] if step_logs else {})
-    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
-    if evals and evals[-1]["step"] == trainer.state.global_step:  # eval_strategy already evaluated the end
-        metrics.update(evals[-1])
-    elif trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
-    adapter_path, should_save = output_dir / "adapter", trainer.args.should_save
-    with disk_full_guard(output_dir, "the trained adapter"):
-        with staged_directory(adapter_path, owner=should_save) as staging:  # the adapter appears whole, or not at all
-            trainer.save_model(str(staging))  # PEFT adapter (safetensors) + tokenizer; every process takes part
-        if should_save:
-            trainer.save_dft_state(output_dir)
-            write_text_atomic(output_dir / "log_history.jsonl",
-                              "".join(json.dumps(entry) + "\n" for entry in trainer.state.log_history))
-            plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
+    writer = int(os.environ.get("RANK", "0")) == 0  # before the Trainer (and its accelerator) exists: the launcher's rank
+    with output_lock(output_dir, "output_dir") if writer else contextlib.nullcontext():
+        trainer = build_trainer(model_config, data_config, dft_config, model, tokenizer)
+        if trainer.args.should_save:
+            save_resolved_config(output_dir, model_config, data_config, dft_config)
+        resume = dft_config.resume_from_checkpoint
+        if resume == "last":
+            resume = last_complete_checkpoint(output_dir) if output_dir.is_dir() else None
+            if resume is None:
+                raise ConfigError(f"resume_from_checkpoint: last, but {output_dir} holds no complete checkpoint")
+        output = trainer.train(resume_from_checkpoint=resume)
+        if trainer.interrupt.stopped_at is not None:
+            checkpoint = output_dir / f"{PREFIX_CHECKPOINT_DIR}-{trainer.interrupt.stopped_at}"
+            console.print(f"[bold yellow]Interrupted[/]: checkpoint saved at step {trainer.interrupt.stopped_at} in {checkpoint}. "
+                          f"Resume with: dftlite train ... --resume_from_checkpoint {checkpoint}")
+            raise SystemExit(130)
+        metrics = dict(output.metrics)
+        step_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+        metrics.update(step_logs[-1] if step_logs else {})
+        evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+        if evals and evals[-1]["step"] == trainer.state.global_step:  # eval_strategy already evaluated the end
+            metrics.update(evals[-1])
+        elif trainer.eval_dataset is not None:
+            metrics.update(trainer.evaluate())
+        adapter_path, should_save = output_dir / "adapter", trainer.args.should_save
+        with disk_full_guard(output_dir, "the trained adapter"):
+            with staged_directory(adapter_path, owner=should_save) as staging:  # the adapter appears whole, or not at all
+                trainer.save_model(str(staging))  # PEFT adapter (safetensors) + tokenizer; every process takes part
+            if should_save:
+                trainer.save_dft_state(output_dir)
+                write_text_atomic(output_dir / "log_history.jsonl",
+                                  "".join(json.dumps(entry) + "\n" for entry in trainer.state.log_history))
+                plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
     if should_save:
         table = Table(title=f"dftlite train ({dft_config.method}) → {output_dir}", show_header=False)
         for key in sorted(metrics):
