@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         from rich.console import Console
         from rich.text import Text
 
-        Console(stderr=True, soft_wrap=True).print(Text.assemble((f"dftlite {args.command}: error: ", "bold red"), str(err)))
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # one line, whoever wrote it
+        Console(stderr=True, soft_wrap=True).print(Text.assemble((f"dftlite {args.command}: error: ", "bold red"), message))
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C in train, or any in sample/eval/export: outputs are whole (dftlite.outputs)
         resume = {"sample": " (it resumes)", "train": " with --resume_from_checkpoint last"}.get(args.command, "")

@@ -20,7 +20,7 @@ import pytest
 
 from dftlite.cli import main
 from dftlite.data import DataConfig, DataError, load_data, load_examples
-from dftlite.models import resolve_model_source
+from dftlite.models import resolve_model_path, resolve_model_source
 from faults.common import cli_env, flags
 
 
@@ -89,6 +89,19 @@ def test_a_mistyped_model_name_is_said_at_once(name, hint, tmp_path, monkeypatch
 def test_a_hub_id_and_a_local_directory_still_pass(tiny_model_dir, no_network):
     assert resolve_model_source("HuggingFaceTB/SmolLM2-135M-Instruct") == ("HuggingFaceTB/SmolLM2-135M-Instruct", None)
     assert resolve_model_source(str(tiny_model_dir)) == (str(tiny_model_dir), None)
+    assert resolve_model_path(str(tiny_model_dir)) == str(tiny_model_dir)
+
+
+def test_an_uncached_hub_model_offline_is_one_line_naming_it(tmp_path, monkeypatch, no_network):
+    from huggingface_hub import constants
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(FileNotFoundError) as error:
+        resolve_model_path("someone/no-such-model")
+    assert str(error.value).startswith(f"model_name_or_path 'someone/no-such-model' is not a local path "
+                                       f"({tmp_path}/someone/no-such-model does not exist) and not in the local Hub cache")
 
 
 def test_a_mistyped_model_name_is_one_line_from_the_command_line(tmp_path, capsys, no_network):
