@@ -21,8 +21,9 @@ reloaded unquantized in merge_dtype and the adapter is folded into that.
 
 The export is built in a temporary sibling directory and renamed into place at the end, so a failed
 export leaves nothing half-written, and export_dir is locked meanwhile (`dftlite.outputs`): a second
-export into it stops at once. The upload is one Hub commit: the repo gets the whole export or none. The Hub token is read from $HF_TOKEN only, passed to
-huggingface_hub, and never written: the export is checked for it before it is kept or uploaded.
+export into it stops at once. The upload is one Hub commit: the repo gets the whole export or none.
+The Hub token is read from $HF_TOKEN only, passed to huggingface_hub, and never written: the export
+is checked for it before it is kept or uploaded.
 """
 
 from __future__ import annotations
