@@ -89,8 +89,18 @@ def _demo(argv):
 HANDLERS = {"sample": _sample, "train": _train, "eval": _eval, "export": _export, "demo": _demo}
 
 
+# Loggers whose warnings a user cannot act on: bitsandbytes' CPU backend tries, at import, to fetch a
+# kernel from the Hub ("Failed to load CPU gemm_4bit_forward from kernels-community ..."), which fails
+# offline and changes nothing on CPU. Shown with --verbose.
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    argv = [arg for arg in argv if arg != "--verbose"]
+    for name in QUIET_LOGGERS:  # before anything imports bitsandbytes
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)
     parser = argparse.ArgumentParser(
         prog="dftlite",
         description="Discriminative Fine-Tuning (DFT/DFT2; Guo et al. 2025, arXiv 2502.18679) with QLoRA. "
@@ -99,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Run 'dftlite COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"dftlite {__version__}")
+    parser.add_argument("--verbose", action="store_true", help="Also show library warnings that dftlite hides "
+                        "(bitsandbytes' Hub kernel loader); accepted anywhere on the command line.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name, help_ in COMMANDS.items():
         subparsers.add_parser(name, help=help_, add_help=False)
@@ -112,12 +124,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         HANDLERS[args.command](argv[1:])
-    except (ConfigError, DataError, OSError) as err:  # bad input, or the disk: a message, not a traceback
+    except (ConfigError, DataError, OSError) as err:  # bad input, a busy output, the disk: a message, not a traceback
         from rich.console import Console
         from rich.text import Text
 
-        Console(stderr=True, soft_wrap=True).print(Text.assemble((f"dftlite {args.command}: error: ", "bold red"), str(err)))
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # one line, whoever wrote it
+        Console(stderr=True, soft_wrap=True).print(Text.assemble((f"dftlite {args.command}: error: ", "bold red"), message))
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C in train, or any in sample/eval/export: outputs are whole (dftlite.outputs)
+        resume = {"sample": " (it resumes)", "train": " with --resume_from_checkpoint last"}.get(args.command, "")
+        print(f"\ndftlite {args.command}: interrupted; its outputs are whole or absent. Run it again{resume}.", file=sys.stderr)
+        return 130
     return 0
 
 

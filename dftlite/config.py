@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import errno
 import json
 import os
-import shutil
 import types
 import typing
 from pathlib import Path
@@ -22,8 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
-
-NEARLY_FULL = 1 << 20  # bytes: a write that failed with less than this free is put down to a full disk
+# Output integrity lives in dftlite.outputs; these names are kept here for code that imports them from config.
+from dftlite.outputs import disk_full_error, make_dir, write_text_atomic  # noqa: F401
 
 
 class ConfigError(ValueError):
@@ -139,47 +137,3 @@ def save_resolved_config(output_dir: str | Path, *configs, name: str = "dftlite_
     path = make_dir(output_dir, "output directory") / name
     write_text_atomic(path, yaml.safe_dump(to_dict(*configs), sort_keys=True))
     return path
-
-
-def make_dir(path: str | Path, what: str) -> Path:
-    """`mkdir -p path`; an OSError says which output directory could not be made, and why."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
-        reason = f"{blocker} is a file, not a directory" if blocker is not None else err.strerror
-        raise OSError(err.errno, f"cannot create the {what} {path}: {reason}") from err
-    return path
-
-
-def write_text_atomic(path: str | Path, text: str):
-    """Write a temporary sibling, then rename it over `path`: readers see the old file or the new one,
-    never half of one. A failed write (a full disk) leaves no temporary file, and its error names `path`."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as err:
-        raise OSError(err.errno, f"{err.strerror}: cannot write {path}") from err
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def disk_full_error(err: BaseException, path: str | Path, what: str) -> OSError | None:
-    """An OSError(ENOSPC) saying that `what` could not be written to `path` because the disk is full, or
-    None when `err` is something else. torch's zip writer, safetensors and tokenizers report a full disk
-    with their own error types (torch's without the cause): for those, the free space decides."""
-    if isinstance(err, OSError) and err.errno is not None:
-        if err.errno != errno.ENOSPC:
-            return None
-    else:
-        existing = next((p for p in (Path(path), *Path(path).parents) if p.exists()), Path("."))
-        try:
-            if shutil.disk_usage(existing).free >= NEARLY_FULL:
-                return None
-        except OSError:
-            return None
-    reason = f"{type(err).__name__}: {err}"
-    return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: cannot write {what} {path} ({reason})")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,8 +94,8 @@ def _read_jsonl(path: Path) -> Iterable[tuple[str, Any]]:
                 raise DataError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
             if not text.strip():
                 continue
-            try:
-                yield where, json.loads(text)
+            try:  # without the line break: a line cut short is then reported at its real end, not "column 1"
+                yield where, json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
 
@@ -153,6 +154,32 @@ def _read_dataset(dataset, name: str) -> Iterable[tuple[str, Any]]:
         yield f"{name} row {index}", record
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".gz", ".zst", ".bz2", ".xz")
+HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def is_hub_dataset_name(value: str) -> bool:
+    """Whether a data_path that is not on disk names a Hub dataset: `owner/name`, without a data-file
+    extension and not starting with ./, ../, / or ~ (all of which mean a local path)."""
+    return (bool(HUB_NAME.fullmatch(value)) and not value.startswith((".", "~"))
+            and not value.lower().endswith(DATA_SUFFIXES))
+
+
+def _load_hub_dataset(datasets, name: str, split: str, path: Path):
+    """`datasets.load_dataset(name)`; a failure (offline, no such dataset) is one DataError line."""
+    from huggingface_hub import constants
+
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as err:  # datasets raises many types: connection, not found, gated, offline
+        offline = " (offline: HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(
+            f"{name}: no such local file or directory ({os.path.abspath(path)}), and the Hub dataset could not be loaded"
+            f"{offline}: {reason}. A Hub dataset needs the network or the local datasets cache."
+        ) from None
+
+
 def read_records(source, split: str = "train") -> list[tuple[str, Any]]:
     """All raw records of a data source as (location, record) pairs."""
     try:
@@ -161,7 +188,7 @@ def read_records(source, split: str = "train") -> list[tuple[str, Any]]:
         datasets = None
     if datasets is not None and isinstance(source, datasets.Dataset):
         return list(_read_dataset(source, "dataset"))
-    path = Path(source)
+    path = Path(source).expanduser()
     if path.is_file():
         suffix = path.suffix.lower()
         readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
@@ -173,10 +200,10 @@ def read_records(source, split: str = "train") -> list[tuple[str, Any]]:
             loaded = datasets.load_from_disk(str(path))
         except Exception as err:  # truncated or foreign Arrow files raise several pyarrow/datasets types
             raise DataError(f"{path}: cannot read the saved dataset ({type(err).__name__}: {err})") from None
-    elif str(source) and not str(source).startswith((".", "/")) and "/" in str(source):
-        loaded = datasets.load_dataset(str(source), split=split)
+    elif not is_hub_dataset_name(str(source)):
+        raise DataError(f"data file not found: {source} (looked for {os.path.abspath(path)})")
     else:
-        raise DataError(f"data file not found: {source}")
+        loaded = _load_hub_dataset(datasets, str(source), split, path)
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise DataError(f"{source}: no split {split!r}; splits are {sorted(loaded)}")

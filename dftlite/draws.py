@@ -25,13 +25,15 @@ the training prompt x_i; `micro_batches` packs whole groups under a token budget
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from dftlite.config import ConfigError
 from dftlite.data import DataConfig, DataError, EncodedPair, Example, encode_examples
-from dftlite.sampling import check_pool_compatible, load_pool, negatives_for
+from dftlite.pool import check_pool_compatible, negatives_for, read_pool
 
 
 @dataclass
@@ -86,7 +88,7 @@ def load_split(
             f"  dftlite sample --model_name_or_path {model_name} {data_args} --pool_dir {pool_dir or '<pool_dir>'}\n"
             "(the same model, data and template as this run; add --num_negatives for B × epochs)"
         )
-    meta, records_by_id = load_pool(pool_dir)
+    meta, records_by_id = read_pool(pool_dir)
     check_pool_compatible(meta, model, tokenizer, data_config.template)
     missing = [i for i in ids if i not in records_by_id]
     if missing:
@@ -187,6 +189,32 @@ class NegativeDraws:
 # The sequences of a step.
 
 
+def epochs_planned(num_examples: int, args) -> int:
+    """Epochs the Trainer will start for these TrainingArguments: each takes one draw per example."""
+    batches = num_examples / (args.per_device_train_batch_size * args.world_size)
+    batches = math.floor(batches) if args.dataloader_drop_last else math.ceil(batches)
+    updates_per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+    if args.max_steps > 0:
+        return math.ceil(args.max_steps / updates_per_epoch)
+    return math.ceil(args.num_train_epochs)
+
+
+def check_whole_batches(num_examples: int, args):
+    """Several processes: refuse a last batch that accelerate would even out with repeats.
+
+    accelerate (even_batches) fills the short last batch of an epoch with examples from that
+    epoch's first batch; they would be trained, drawn and written into u a second time."""
+    global_batch = args.per_device_train_batch_size * args.world_size
+    if args.world_size > 1 and not args.dataloader_drop_last and num_examples % global_batch:
+        raise ConfigError(
+            f"{num_examples} training examples do not fill whole global batches of {global_batch} prompts "
+            f"({args.per_device_train_batch_size} per device × {args.world_size} processes), and accelerate would "
+            "fill each epoch's last batch with examples already trained in that epoch. Set dataloader_drop_last: "
+            f"true (each epoch then leaves out {num_examples % global_batch} examples, different ones each time), "
+            "or a per_device_train_batch_size that divides the data evenly."
+        )
+
+
 @dataclass
 class Group:
     """One prompt's sequences: the positive first, then its negatives."""
@@ -235,3 +263,21 @@ def pad_groups(groups: list[Group], pad_id: int, device) -> tuple[torch.Tensor, 
         attention_mask[n, :end] = 1
         completion_mask[n, len(prompt):end] = 1
     return input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
+
+
+class IndexDataset(torch.utils.data.Dataset):
+    """The Trainer's dataset: items are {key: example index}; `DFTTrainer` builds the sequences itself."""
+
+    def __init__(self, size: int, key: str):
+        self.size, self.key = size, key
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        return {self.key: index}
+
+
+def collate_indices(items: list[dict]) -> dict:
+    key = next(iter(items[0]))
+    return {key: torch.tensor([item[key] for item in items], dtype=torch.long)}

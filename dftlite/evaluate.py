@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
-from dftlite.config import make_dir, to_dict, write_text_atomic
+from dftlite.config import to_dict
 from dftlite.data import DataConfig, DataError, Example, encode_answer, encode_prompt, load_data, render_prompt
 from dftlite.models import ModelConfig, load_base_model, load_model, plain_generation_config, sampler_view, stop_token_ids
+from dftlite.outputs import make_dir, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ def discrimination(model, tokenizer, examples: list[Example], records_by_id: dic
     all negatives), "mean_margin" (mean over prompts of gold minus its best negative), "num_prompts",
     "num_negatives", "skipped" (examples without negatives), "scores": {id: {"gold", "negatives"}}}.
     """
-    from dftlite.sampling import negatives_for
+    from dftlite.pool import negatives_for
 
     pairs: list[tuple[list[int], list[int]]] = []  # gold, then its negatives, for each kept example
     layout: list[tuple[str, int]] = []  # (id, number of negatives)
@@ -283,9 +284,9 @@ def evaluate(model_config: ModelConfig, data_config: DataConfig, eval_config: Ev
             model, tokenizer = load_base_model(model_config)
     records_by_id = None
     if eval_config.pool_dir is not None:
-        from dftlite.sampling import check_pool_compatible, load_pool
+        from dftlite.pool import check_pool_compatible, read_pool
 
-        meta, records_by_id = load_pool(eval_config.pool_dir)
+        meta, records_by_id = read_pool(eval_config.pool_dir)
         check_pool_compatible(meta, model, tokenizer, data_config.template)
 
     has_adapter = hasattr(model, "peft_config")

@@ -20,8 +20,10 @@ never touches quantized weights: when the model config says 4bit/8bit (QLoRA tra
 reloaded unquantized in merge_dtype and the adapter is folded into that.
 
 The export is built in a temporary sibling directory and renamed into place at the end, so a failed
-export leaves nothing half-written. The Hub token is read from $HF_TOKEN only, passed to
-huggingface_hub, and never written: the export is checked for it before it is kept or uploaded.
+export leaves nothing half-written, and export_dir is locked meanwhile (`dftlite.outputs`): a second
+export into it stops at once. The upload is one Hub commit: the repo gets the whole export or none.
+The Hub token is read from $HF_TOKEN only, passed to huggingface_hub, and never written: the export
+is checked for it before it is kept or uploaded.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -40,8 +41,9 @@ from typing import Literal
 import torch
 import yaml
 
-from dftlite.config import ConfigError, disk_full_error, make_dir, save_resolved_config
+from dftlite.config import ConfigError, save_resolved_config
 from dftlite.models import ModelConfig, load_base_model, load_tokenizer, resolve_model_path, resolve_model_source
+from dftlite.outputs import disk_full_guard, output_lock, staged_directory
 
 logger = logging.getLogger(__name__)
 
@@ -122,42 +124,31 @@ def export(model_config: ModelConfig, export_config: ExportConfig) -> Path:
             training_config["model_name_or_path"], training_config_path, model_config.model_name_or_path,
         )
 
-    make_dir(export_dir.parent, "parent directory of export_dir")
-    tmp = Path(tempfile.mkdtemp(dir=export_dir.parent, prefix=f".{export_dir.name}.tmp-"))
-    try:
-        _copy_adapter(adapter_dir, tmp)
-        _load_export_tokenizer(adapter_dir, model_config).save_pretrained(tmp)
-        if training_config_path is not None:
-            shutil.copyfile(training_config_path, tmp / TRAINING_CONFIG)
-        save_resolved_config(tmp, model_config, export_config, name=EXPORT_CONFIG)
-        metrics = {}
-        for name in METRIC_FILES:
-            path = _find(adapter_dir, [name])
-            if path is not None:
-                shutil.copyfile(path, tmp / name)
-                metrics[name] = json.loads(path.read_text())
-        if export_config.merge:
-            _write_merged(model_config, adapter_dir, tmp / MERGED_SUBDIR, export_config.merge_dtype)
-        adapter_config = json.loads((tmp / "adapter_config.json").read_text())
-        (tmp / "README.md").write_text(model_card(model_config, export_config, adapter_config, training_config, metrics))
-        _check_written(tmp, token)
-        if export_dir.exists():  # empty, or overwrite: checked above
-            shutil.rmtree(export_dir)
-        os.replace(tmp, export_dir)
-    except Exception as err:
-        full = disk_full_error(err, export_dir, "the export")
-        if full is not None:
-            raise full from err
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-    console = Console()
-    merged = f" (merged, {export_config.merge_dtype}, in {export_dir / MERGED_SUBDIR})" if export_config.merge else ""
-    console.print(f"exported {adapter_dir} to {export_dir}{merged}")
-    if export_config.push_to_hub is not None:
-        url = push(export_dir, export_config.push_to_hub, export_config.private, token)
-        console.print(f"uploaded to {url}")
+    with output_lock(export_dir, "export_dir"):  # one export into export_dir at a time, through the upload
+        _check_inputs(adapter_dir, export_dir, export_config)  # again, now that no other export can write it
+        with disk_full_guard(export_dir, "the export"), staged_directory(export_dir) as tmp:  # whole, or nothing
+            _copy_adapter(adapter_dir, tmp)
+            _load_export_tokenizer(adapter_dir, model_config).save_pretrained(tmp)
+            if training_config_path is not None:
+                shutil.copyfile(training_config_path, tmp / TRAINING_CONFIG)
+            save_resolved_config(tmp, model_config, export_config, name=EXPORT_CONFIG)
+            metrics = {}
+            for name in METRIC_FILES:
+                path = _find(adapter_dir, [name])
+                if path is not None:
+                    shutil.copyfile(path, tmp / name)
+                    metrics[name] = json.loads(path.read_text())
+            if export_config.merge:
+                _write_merged(model_config, adapter_dir, tmp / MERGED_SUBDIR, export_config.merge_dtype)
+            adapter_config = json.loads((tmp / "adapter_config.json").read_text())
+            (tmp / "README.md").write_text(model_card(model_config, export_config, adapter_config, training_config, metrics))
+            _check_written(tmp, token)
+        console = Console()
+        merged = f" (merged, {export_config.merge_dtype}, in {export_dir / MERGED_SUBDIR})" if export_config.merge else ""
+        console.print(f"exported {adapter_dir} to {export_dir}{merged}")
+        if export_config.push_to_hub is not None:  # one Hub commit: the repo gets the whole export or none of it
+            url = push(export_dir, export_config.push_to_hub, export_config.private, token)
+            console.print(f"uploaded to {url}")
     return export_dir
 
 

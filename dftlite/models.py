@@ -101,7 +101,51 @@ def resolve_model_source(name_or_path: str) -> tuple[str, str | None]:
         return str(path.parent), path.name
     if path.exists() and not path.is_dir():
         raise ValueError(f"model path {path} is a file but not a .gguf file; give a directory or a Hub id")
+    if not path.exists():
+        _check_hub_model_name(name_or_path)
     return name_or_path, None
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether `name` is a Hub model id with a config.json in the local Hub cache (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # not a valid repo id
+        return False
+
+
+def _check_hub_model_name(name: str):
+    """A model argument that is neither an alias nor on disk must look like a Hub id (owner/name), or be in
+    the local Hub cache; otherwise say so at once, instead of letting transformers wait on the network."""
+    import difflib
+    import re
+
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith((".", "~")):
+        return  # a Hub id: transformers downloads it, or finds it in the cache
+    if not name.startswith((".", "/", "~")) and _in_hub_cache(name):
+        return  # an old-style Hub id without an owner ("gpt2"), cached on this machine
+    close = difflib.get_close_matches(name.lower(), list(MODEL_ALIASES), n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise FileNotFoundError(
+        f"model_name_or_path {name!r} is neither a known alias ({', '.join(MODEL_ALIASES)}) nor a local path "
+        f"({os.path.abspath(os.path.expanduser(name))} does not exist).{hint} A Hub model is given as owner/name, "
+        "and needs the network or a local cache."
+    )
+
+
+def _check_offline_hub_model(name: str):
+    """Offline (HF_HUB_OFFLINE), a Hub id must be in the local cache: say so in one line naming the model,
+    before transformers' generic "couldn't connect" message."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE and not Path(name).exists() and not _in_hub_cache(name):
+        raise FileNotFoundError(
+            f"model_name_or_path {name!r} is not a local path ({os.path.abspath(name)} does not exist) and not in the "
+            "local Hub cache, which is all there is offline (HF_HUB_OFFLINE is set). Download it once with the "
+            "network, or give a local directory."
+        )
 
 
 def _file_digest(path: Path, limit: int = 1 << 24) -> str:
@@ -149,6 +193,7 @@ def resolve_model_path(name_or_path: str, cache_dir: str | None = None) -> str:
     """A directory or Hub id that `from_pretrained` can load (GGUF sources are converted first)."""
     directory, gguf_file = resolve_model_source(name_or_path)
     if gguf_file is None:
+        _check_offline_hub_model(directory)
         return directory
     return str(convert_gguf(directory, gguf_file, cache_dir))
 

@@ -1,4 +1,4 @@
-"""The negative pool: completions y' ~ P_g0(.|x̄) from the frozen base model, sampled offline.
+"""Sampling the negative pool: completions y' ~ P_g0(.|x̄) from the frozen base model, offline.
 
 Discriminative Fine-Tuning (Guo et al. 2025, arXiv 2502.18679, §4.2 and App. B.5) contrasts
 each training answer y_i with m negatives y' drawn from the base model under an adversarial
@@ -7,23 +7,8 @@ The sampler is `sampler_view(model)`: the same loaded (possibly 4-bit) model, ad
 
     dftlite sample --config configs/smollm2-135m_gsm8k_dft2_cpu.yaml
 
-    from dftlite.sampling import load_pool, negatives_for
-    meta, records_by_id = load_pool("runs/demo/pool-train")
-    negatives = negatives_for(records_by_id[example.id], meta)
-
-Pool directory:
-    meta.json    format_version, model fingerprint, template, sampler prompt and sampling settings.
-    pool.jsonl   one record per (id, k), k < num_negatives: text, token_ids (with the EOS if
-                 generated), num_tokens, finish_reason ("eos" | "length"), sampler_prompt (x̄ as
-                 text), logp_sampler = Σ_t log P_g0(y'_t | x̄, y'_<t) at temperature 1 from the raw
-                 logits, logp_train_prompt (the same under the training prompt x, or null), gold_duplicate.
-
-Nothing lost, nothing mixed: each batch is appended whole, then fsynced, so a crash leaves at
-most a partial last line (no trailing newline), which `load_pool` ignores and `sample_pool`
-truncates before appending; a write that fails (a full disk) is cut back to the last whole batch.
-Rerunning resumes: finished (id, k) pairs are skipped. Different model (name or weight files),
-tokenizer, template, sampler prompt or sampling settings raise PoolMismatchError.
-num_negatives may grow on resume (the pool is extended with new k), never shrink.
+The pool's files, how they stay whole, resume and get repaired: `dftlite.pool` (its names are
+importable from here too). `sample_pool` holds the pool's lock for the run.
 
 Sampling is seeded per (seed, id, k), so a completion does not depend on the batch it ran in, with
 one caveat: padded, batched matmuls differ from unbatched ones in the last bits of the logits, so
@@ -31,39 +16,29 @@ when the uniform draw lands within rounding error of a boundary of the inverse C
 flip (≈1e-7 per token in fp32; more likely in bf16/fp16/4-bit). From that token on the completion
 differs, but it is still an exact sample of P_g0 and its logp_sampler is still exact.
 """
-
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
-import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from dftlite.config import ConfigError, make_dir, save_resolved_config, write_text_atomic
+from dftlite.config import save_resolved_config
 from dftlite.data import DataConfig, DataError, encode_prompt, load_data, render_prompt
 from dftlite.models import ModelConfig, load_model, model_fingerprint, plain_generation_config, sampler_view, stop_token_ids
+from dftlite.outputs import make_dir, output_lock
+from dftlite.pool import (  # noqa: F401 (the pool's names, importable from dftlite.sampling as before)
+    FORMAT_VERSION, META_FILE, POOL_FILE, SAMPLING_KEYS, PoolCorruptError, PoolMismatchError, append_records,
+    check_pool_compatible, load_pool, negatives_for, open_pool, pool_settings, read_pool, repair_pool,
+)
 
-logger = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-META_FILE, POOL_FILE = "meta.json", "pool.jsonl"
-# Settings that change what is sampled: a pool made with other values is not this pool.
-SAMPLING_KEYS = ("template", "sampler_system_prompt", "temperature", "top_k", "top_p", "max_new_tokens", "seed", "score_train_prompt")
 # batch_size=0: rows per generate call such that rows * (longest prompt + max_new_tokens) stays
 # within this many tokens of KV cache (SmolLM2-135M fp32: ~46 KB/token, so ~0.4 GB on CPU).
 AUTO_TOKEN_BUDGET = {"cpu": 8192, "cuda": 65536}
 MAX_AUTO_ROWS = 256
-
-
-class PoolMismatchError(ConfigError):  # a ValueError; the CLI prints ConfigErrors without a traceback
-    """An existing pool was made with another model, tokenizer, template, prompt or sampling settings."""
 
 
 @dataclass
@@ -90,6 +65,10 @@ class SampleConfig:
     keep_gold_duplicates: bool = field(
         default=False, metadata={"help": "Train on negatives identical to the gold answer (stripped) anyway. "
                                  "dftlite eval always leaves them out (they would tie with the gold answer)."}
+    )
+    repair_pool: bool = field(
+        default=False, metadata={"help": "A pool.jsonl with a corrupt or duplicated line: keep the records before it, "
+                                 "move that line and the rest to pool.jsonl.bad-<time> (nothing is deleted), resample."}
     )
 
     def __post_init__(self):
@@ -124,76 +103,6 @@ class PoolStats:
     mean_tokens: float
     share_length: float  # hit max_new_tokens
     share_gold_duplicate: float
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading and checking a pool (also used by the trainer).
-
-
-def load_pool(pool_dir: str | Path) -> tuple[dict, dict[str, list[dict]]]:
-    """Read a pool: (meta, {id: records sorted by k}).
-
-    The only thing dropped is a last line without a trailing newline (a write cut short by a
-    crash). A malformed complete line or a duplicate (id, k) is an error, never skipped.
-    """
-    pool_dir = Path(pool_dir)
-    if not (pool_dir / META_FILE).is_file():
-        raise FileNotFoundError(f"no negative pool in {pool_dir} ({META_FILE} missing); run `dftlite sample` first")
-    meta = json.loads((pool_dir / META_FILE).read_text())
-    records_by_id: dict[str, list[dict]] = {}
-    path = pool_dir / POOL_FILE
-    data = path.read_bytes() if path.is_file() else b""
-    complete = data[: data.rfind(b"\n") + 1]
-    for line_no, line in enumerate(complete.split(b"\n")[:-1], start=1):
-        try:
-            record = json.loads(line)
-            key = (record["id"], record["k"])
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}:{line_no}: corrupt pool record ({err}); the pool cannot be trusted") from None
-        records = records_by_id.setdefault(key[0], [])
-        if any(r["k"] == key[1] for r in records):
-            raise ValueError(f"{path}:{line_no}: duplicate record for id {key[0]!r}, k={key[1]}")
-        records.append(record)
-    for records in records_by_id.values():
-        records.sort(key=lambda r: r["k"])
-    return meta, records_by_id
-
-
-def _differences(meta: dict, expected: dict, prefix: str = "") -> list[str]:
-    diffs = []
-    for key, value in expected.items():
-        if isinstance(value, dict) and isinstance(meta.get(key), dict):
-            diffs += _differences(meta[key], value, f"{prefix}{key}.")
-        elif meta.get(key, "<missing>") != value:
-            diffs.append(f"{prefix}{key} (pool: {meta.get(key, '<missing>')!r}, now: {value!r})")
-    return diffs
-
-
-def check_pool_compatible(meta: dict, model, tokenizer, template: str | None = None, sample_config: SampleConfig | None = None):
-    """Raise PoolMismatchError unless the pool was sampled from this model + tokenizer
-    (and, when given, this template and these sampling settings)."""
-    expected = {"format_version": FORMAT_VERSION, "fingerprint": model_fingerprint(model, tokenizer)}
-    if template is not None:
-        expected["template"] = template
-    if sample_config is not None:
-        expected.update({k: v for k, v in _settings(sample_config).items() if k != "template"})
-    diffs = _differences(meta, expected)
-    if diffs:
-        raise PoolMismatchError(
-            "the negative pool was made with other settings: " + "; ".join(diffs)
-            + ". Use a new pool_dir, or the pool's settings."
-        )
-
-
-def negatives_for(records: list[dict], meta: dict | None = None) -> list[dict]:
-    """The records usable as negatives: gold duplicates are left out unless meta['keep_gold_duplicates']."""
-    keep = bool(meta and meta.get("keep_gold_duplicates"))
-    return [r for r in records if keep or not r["gold_duplicate"]]
-
-
-def _settings(config: SampleConfig, template: str | None = None) -> dict:
-    settings = {k: getattr(config, k) for k in SAMPLING_KEYS if k != "template"}
-    return settings if template is None else {"template": template, **settings}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,58 +200,6 @@ def score_completions(model, prompt_ids: list[list[int]], completion_ids: list[l
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing.
-
-
-def _write_meta(pool_dir: Path, meta: dict):
-    write_text_atomic(pool_dir / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-
-
-def _truncate_partial_line(path: Path) -> int:
-    """Cut a last line without a newline (a crash mid-write); return the bytes removed."""
-    if not path.is_file():
-        return 0
-    with open(path, "r+b") as handle:
-        size = end = handle.seek(0, os.SEEK_END)
-        keep = 0
-        while end > 0:  # scan back from the end in 64 KiB blocks for the last newline
-            start = max(0, end - (1 << 16))
-            handle.seek(start)
-            newline = handle.read(end - start).rfind(b"\n")
-            if newline >= 0:
-                keep = start + newline + 1
-                break
-            end = start
-        if keep < size:
-            handle.truncate(keep)
-            handle.flush()
-            os.fsync(handle.fileno())
-    return size - keep
-
-
-def _append_records(path: Path, records: list[dict]):
-    """Append whole lines, then fsync: a kill leaves at most a partial last line.
-
-    A failed write (a full disk, a quota) is undone: the file is cut back to where this batch
-    began, so it holds only complete batches, and the error says so."""
-    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-    with open(path, "ab", buffering=0) as handle:  # unbuffered: nothing is left to flush at close after an error
-        start = handle.seek(0, os.SEEK_END)
-        try:
-            view = memoryview(payload)
-            while view:  # a raw write may take only part of the payload
-                view = view[handle.write(view):]
-            os.fsync(handle.fileno())
-        except OSError as err:
-            with contextlib.suppress(OSError):
-                os.ftruncate(handle.fileno(), start)
-            raise OSError(
-                err.errno, f"{err.strerror} while appending {len(records)} records to {path}; the pool keeps its "
-                "complete records, and rerunning `dftlite sample` resumes from them"
-            ) from err
-
-
-# ---------------------------------------------------------------------------------------------
 # The job.
 
 
@@ -380,38 +237,6 @@ def _prepare_prompts(model, tokenizer, examples, template: str, config: SampleCo
     return prompts
 
 
-def _open_pool(pool_dir: Path, meta: dict, model, tokenizer, template, config, prompts) -> dict[str, list[dict]]:
-    """Create the pool, or check an existing one against this run and return its records."""
-    if not (pool_dir / META_FILE).is_file():
-        if (pool_dir / POOL_FILE).is_file() and (pool_dir / POOL_FILE).stat().st_size:
-            raise PoolMismatchError(f"{pool_dir / POOL_FILE} exists without {META_FILE}; refusing to mix into it")
-        _write_meta(pool_dir, meta)
-        return {}
-    old_meta = json.loads((pool_dir / META_FILE).read_text())
-    check_pool_compatible(old_meta, model, tokenizer, template, config)
-    if old_meta.get("num_negatives", 0) > config.num_negatives:
-        raise PoolMismatchError(
-            f"the pool in {pool_dir} has num_negatives={old_meta['num_negatives']}; it can grow, not shrink "
-            f"(now {config.num_negatives}). Use num_negatives >= {old_meta['num_negatives']} or a new pool_dir."
-        )
-    removed = _truncate_partial_line(pool_dir / POOL_FILE)
-    if removed:
-        logger.warning("removed a partial last line (%d bytes) of %s left by an interrupted run", removed, pool_dir / POOL_FILE)
-    _, records_by_id = load_pool(pool_dir)
-    by_id = {p.id: p for p in prompts}
-    unknown = sorted(set(records_by_id) - set(by_id))
-    if unknown:
-        raise PoolMismatchError(
-            f"the pool in {pool_dir} holds {len(unknown)} id(s) not in the dataset, e.g. {unknown[:3]}; "
-            "it was made from other data. Use a new pool_dir."
-        )
-    for example_id, records in records_by_id.items():
-        if records[0]["sampler_prompt"] != by_id[example_id].sampler_prompt:
-            raise PoolMismatchError(f"id {example_id!r}: the pool's sampler prompt differs from this dataset's; use a new pool_dir")
-    _write_meta(pool_dir, meta)  # num_negatives may have grown; keep_gold_duplicates may have changed
-    return records_by_id
-
-
 def _batches(todo: list[tuple[_Prompt, int]], config: SampleConfig, device_type: str):
     """Consecutive slices of `todo` (sorted by prompt length): fixed size, or within the token budget."""
     start = 0
@@ -442,12 +267,20 @@ def _statistics(records_by_id: dict[str, list[dict]]) -> dict:
 
 
 def sample_pool(model_config: ModelConfig, data_config: DataConfig, sample_config: SampleConfig, model=None, tokenizer=None) -> PoolStats:
-    """Sample (or resume) the negative pool of every training prompt into sample_config.pool_dir."""
+    """Sample (or resume) the negative pool of every training prompt into sample_config.pool_dir.
+
+    pool_dir is locked for the run (`dftlite.outputs.output_lock`): a second run on it stops at once."""
+    examples = load_data(data_config)  # raises DataError on an empty dataset
+    with output_lock(sample_config.pool_dir, "pool_dir"):  # before the model loads: a second run stops at once
+        return _sample_pool(model_config, data_config, sample_config, examples, model, tokenizer)
+
+
+def _sample_pool(model_config: ModelConfig, data_config: DataConfig, sample_config: SampleConfig, examples, model,
+                 tokenizer) -> PoolStats:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
 
-    examples = load_data(data_config)  # raises DataError on an empty dataset
     if model is None or tokenizer is None:
         model, tokenizer = load_model(model_config)
     config, template = sample_config, data_config.template
@@ -458,11 +291,11 @@ def sample_pool(model_config: ModelConfig, data_config: DataConfig, sample_confi
     meta = {
         "format_version": FORMAT_VERSION,
         "fingerprint": model_fingerprint(model, tokenizer),
-        **_settings(config, template),
+        **pool_settings(config, template),
         "num_negatives": config.num_negatives,
         "keep_gold_duplicates": config.keep_gold_duplicates,
     }
-    records_by_id = _open_pool(pool_dir, meta, model, tokenizer, template, config, prompts)
+    records_by_id = open_pool(pool_dir, meta, model, tokenizer, template, config, prompts)
     save_resolved_config(pool_dir, model_config, data_config, sample_config)
 
     done = {(r["id"], r["k"]) for rs in records_by_id.values() for r in rs}
@@ -496,7 +329,7 @@ def sample_pool(model_config: ModelConfig, data_config: DataConfig, sample_confi
                     "finish_reason": finish_reason, "sampler_prompt": prompt.sampler_prompt, "logp_sampler": logp,
                     "logp_train_prompt": train_logp, "gold_duplicate": text.strip() == prompt.answer.strip(),
                 })
-            _append_records(pool_dir / POOL_FILE, records)
+            append_records(pool_dir / POOL_FILE, records)
             for record in records:
                 records_by_id.setdefault(record["id"], []).append(record)
                 remaining[record["id"]] -= 1

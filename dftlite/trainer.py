@@ -26,56 +26,34 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import os
-import shutil
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
-from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from dftlite.config import ConfigError, disk_full_error, write_text_atomic
+from dftlite.config import ConfigError
 from dftlite.data import DataConfig, load_data
 from dftlite.dft_config import DFTConfig
-from dftlite.draws import Group, NegativeDraws, Split, load_split, micro_batches, pad_groups
+from dftlite.draws import (Group, IndexDataset, NegativeDraws, Split, check_whole_batches, collate_indices,
+                           epochs_planned, load_split, micro_batches, pad_groups)
 from dftlite.estimators import LogUTable
 from dftlite.logprobs import sequence_logprobs
 from dftlite.losses import dft2_loss, dft_loss, dpo_loss, simpo_loss, sft_loss
 from dftlite.models import ModelConfig, load_model, sampler_view
+from dftlite.outputs import (SaveOnInterrupt, checkpoint_guard, disk_full_guard, incomplete_checkpoint_message,
+                             last_complete_checkpoint, load_dft_state, output_lock, save_dft_state, staged_directory,
+                             write_text_atomic)  # keeping outputs whole: one module for every command
 
-DFT_STATE, DFT_STATE_META = "dft_state.safetensors", "dft_state.json"
 STATE_FORMAT_VERSION = 1
 
 
 class NonFiniteLossError(RuntimeError):
     """A NaN or inf in a step's scores, loss or gradients; raised before the optimizer step."""
-
-
-def is_complete_checkpoint(directory) -> bool:
-    """Whether a checkpoint was saved to the end: its trainer_state.json, written last, parses. A kill or
-    a full disk during the save leaves a directory without it (or with half of it)."""
-    directory = Path(directory)
-    if not ((directory / DFT_STATE).is_file() and (directory / DFT_STATE_META).is_file()):
-        return False
-    try:
-        json.loads((directory / TRAINER_STATE_NAME).read_text())
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def last_complete_checkpoint(output_dir) -> str | None:
-    """The complete checkpoint-N of output_dir with the highest N, or None."""
-    prefix = f"{PREFIX_CHECKPOINT_DIR}-"
-    steps = sorted((int(p.name[len(prefix):]), p) for p in Path(output_dir).glob(f"{prefix}*") if p.name[len(prefix):].isdigit())
-    return next((str(path) for _, path in reversed(steps) if is_complete_checkpoint(path)), None)
 
 
 @contextlib.contextmanager
@@ -95,79 +73,21 @@ def scoring_as_forward(module):
             module.forward = saved
 
 
-class SaveOnInterrupt(TrainerCallback):
-    """Ctrl-C: finish the current step, save a checkpoint, stop. A second Ctrl-C aborts at once.
-
-    With several processes the signal may reach only some of them, or reach them in different
-    steps; each step's all-gather (`DFTTrainer._sync_state`) sets `agreed` on every process, and
-    all act on that, so they stop at the same step instead of leaving the others in a collective."""
-
-    def __init__(self):
-        self.requested, self.stopped_at, self._previous, self._installed = False, None, None, False
-        self.agreed = None  # None: one process, act on `requested`
-
-    def install(self):
-        self.requested, self.stopped_at, self.agreed = False, None, None
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self._previous = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
-
-    def uninstall(self):
-        if self._installed:
-            self._restore()
-            self._installed = False
-
-    def _restore(self):
-        # getsignal gives None for a handler not set from Python: fall back to the default
-        signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        self._restore()  # the next Ctrl-C is the ordinary one
-        sys.stderr.write("\nInterrupt: saving a checkpoint after this step, then stopping (Ctrl-C again to abort now)\n")
-
-    def on_step_end(self, args, state, control, **kwargs):
-        requested = self.requested if self.agreed is None else self.agreed
-        if requested and self.stopped_at is None:
-            control.should_save = control.should_training_stop = True
-            self.stopped_at = state.global_step
-        return control
-
-
-class _IndexDataset(torch.utils.data.Dataset):
-    """Items are {key: example index}; the trainer builds the sequences itself."""
-
-    def __init__(self, size: int, key: str):
-        self.size, self.key = size, key
-
-    def __len__(self):
-        return self.size
-
-    def __getitem__(self, index):
-        return {self.key: index}
-
-
-def _collate(items: list[dict]) -> dict:
-    key = next(iter(items[0]))
-    return {key: torch.tensor([item[key] for item in items], dtype=torch.long)}
-
-
 class DFTTrainer(Trainer):
     """Trainer for DFT/DFT2 and the baselines; see the module docstring for what it overrides."""
 
     def __init__(self, model, args: DFTConfig, tokenizer, train_split: Split, eval_split: Split | None = None, callbacks=None):
         self.interrupt = SaveOnInterrupt()
         super().__init__(
-            model=model, args=args, data_collator=_collate, train_dataset=_IndexDataset(len(train_split), "example_index"),
-            eval_dataset=_IndexDataset(len(eval_split), "eval_index") if eval_split is not None else None,
+            model=model, args=args, data_collator=collate_indices, train_dataset=IndexDataset(len(train_split), "example_index"),
+            eval_dataset=IndexDataset(len(eval_split), "eval_index") if eval_split is not None else None,
             processing_class=tokenizer, callbacks=[self.interrupt, *(callbacks or [])],
         )
         self.train_split, self.eval_split = train_split, eval_split
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.uses_u = args.method in ("dft", "dft2")
         per_draw = 0 if args.method == "sft" else args.num_negatives_per_step
-        self._check_whole_batches(len(train_split))
+        check_whole_batches(len(train_split), args)
         if self.is_deepspeed_enabled and args.token_budget:
             # accelerate's DeepSpeed backward steps the optimizer at every backward of a synced step
             raise ConfigError("DeepSpeed needs token_budget: 0 (one backward per step); to save memory lower "
@@ -177,7 +97,7 @@ class DFTTrainer(Trainer):
         self.log_u = LogUTable(len(train_split), init=args.u_init)
         self.draws = self._draws(train_split, per_draw)
         if per_draw:
-            self.draws.check_capacity(self._epochs_planned())
+            self.draws.check_capacity(epochs_planned(len(train_split), args))
         self.eval_draws = None
         if eval_split is not None:  # evaluation scores held-out negatives whenever there is a pool, SFT included
             eval_per_draw = args.num_negatives_per_step if any(eval_split.negatives) else 0
@@ -188,35 +108,9 @@ class DFTTrainer(Trainer):
         self._last_log_time = None
         self._failure = None  # several processes: a NonFiniteLossError held until all processes know (see _fail)
 
-    def _check_whole_batches(self, num_examples: int):
-        """Several processes: refuse a last batch that accelerate would even out with repeats.
-
-        accelerate (even_batches) fills the short last batch of an epoch with examples from that
-        epoch's first batch; they would be trained, drawn and written into u a second time."""
-        args = self.args
-        global_batch = args.per_device_train_batch_size * args.world_size
-        if args.world_size > 1 and not args.dataloader_drop_last and num_examples % global_batch:
-            raise ConfigError(
-                f"{num_examples} training examples do not fill whole global batches of {global_batch} prompts "
-                f"({args.per_device_train_batch_size} per device × {args.world_size} processes), and accelerate would "
-                "fill each epoch's last batch with examples already trained in that epoch. Set dataloader_drop_last: "
-                f"true (each epoch then leaves out {num_examples % global_batch} examples, different ones each time), "
-                "or a per_device_train_batch_size that divides the data evenly."
-            )
-
     def _draws(self, split: Split, per_draw: int) -> NegativeDraws:
         counts = [len(negatives) for negatives in split.negatives]
         return NegativeDraws(split.ids, counts, per_draw, self.args.seed, self.args.allow_negative_reuse)
-
-    def _epochs_planned(self) -> int:
-        """Epochs the Trainer will start: each takes one draw per example."""
-        args = self.args
-        batches = len(self.train_split) / (args.per_device_train_batch_size * args.world_size)
-        batches = math.floor(batches) if args.dataloader_drop_last else math.ceil(batches)
-        updates_per_epoch = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
-        if args.max_steps > 0:
-            return math.ceil(args.max_steps / updates_per_epoch)
-        return math.ceil(args.num_train_epochs)
 
     def train(self, *args, **kwargs):
         """Trainer.train, with Ctrl-C turned into: save a checkpoint at the next step boundary, then stop."""
@@ -428,7 +322,7 @@ class DFTTrainer(Trainer):
             rows = rows[rows[:, 0] >= 0]
             self._raise_held_failure(bool((rows[:, 2] > 0).any()), train=True)
             self.interrupt.agreed = bool((rows[:, 3] > 0).any())
-            # distinct examples: _check_whole_batches rules out accelerate's repeats in an epoch's last batch
+            # distinct examples: draws.check_whole_batches rules out accelerate's repeats in an epoch's last batch
         index = rows[:, 0].long()
         if new_log_u is not None:
             self.log_u.update(index, rows[:, 1])
@@ -477,26 +371,15 @@ class DFTTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        try:
+        with checkpoint_guard(checkpoint, owner=self.args.should_save):  # a failed save leaves nothing resumable
             if self.args.should_save:  # our state first: the Trainer's trainer_state.json, last, marks it complete
                 self.save_dft_state(checkpoint)
             super()._save_checkpoint(model, trial)
-        except BaseException as err:  # a full disk, a second Ctrl-C: leave no checkpoint that looks resumable
-            if self.args.should_save and not is_complete_checkpoint(checkpoint):
-                shutil.rmtree(checkpoint, ignore_errors=True)
-            full = disk_full_error(err, checkpoint, "checkpoint") if isinstance(err, Exception) else None
-            if full is not None:
-                raise full from err
-            raise
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if not is_complete_checkpoint(resume_from_checkpoint):
-            last = last_complete_checkpoint(Path(resume_from_checkpoint).parent)
-            raise ConfigError(
-                f"{resume_from_checkpoint} is an incomplete checkpoint (the run stopped while saving it, or it is not a "
-                f"`dftlite train` checkpoint). Resume from {last or 'the start: there is no complete checkpoint'}"
-                + (" (--resume_from_checkpoint last)" if last else "")
-            )
+        incomplete = incomplete_checkpoint_message(resume_from_checkpoint)
+        if incomplete:
+            raise ConfigError(incomplete)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.load_dft_state(resume_from_checkpoint)
 
@@ -509,29 +392,10 @@ class DFTTrainer(Trainer):
 
     def save_dft_state(self, directory: str | os.PathLike):
         """dft_state.safetensors (log_u, visits, draws_taken; complete on every process) + dft_state.json."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / (DFT_STATE + ".tmp")
-        try:  # each file whole or not at all
-            save_file({**self.log_u.state_dict(), **self.draws.state_dict()}, str(tmp))
-            os.replace(tmp, directory / DFT_STATE)
-        finally:
-            tmp.unlink(missing_ok=True)
-        write_text_atomic(directory / DFT_STATE_META, json.dumps(self._state_meta(), indent=2) + "\n")
+        save_dft_state(directory, {**self.log_u.state_dict(), **self.draws.state_dict()}, self._state_meta())
 
     def load_dft_state(self, directory: str | os.PathLike):
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        if not (directory / DFT_STATE).is_file() or not (directory / DFT_STATE_META).is_file():
-            raise FileNotFoundError(f"{directory} has no {DFT_STATE}/{DFT_STATE_META}: not a `dftlite train` checkpoint")
-        saved, expected = json.loads((directory / DFT_STATE_META).read_text()), self._state_meta()
-        diffs = [f"{k} (checkpoint: {saved.get(k)!r}, now: {v!r})" for k, v in expected.items() if saved.get(k) != v]
-        if diffs:
-            raise ValueError(f"cannot resume from {directory}: it was made with other settings: " + "; ".join(diffs))
-        tensors = load_file(str(directory / DFT_STATE))
+        tensors = load_dft_state(directory, self._state_meta())
         self.log_u.load_state_dict({"log_u": tensors["log_u"], "visits": tensors["visits"]})
         self.draws.load_state_dict({"draws_taken": tensors["draws_taken"]})
 
@@ -574,7 +438,9 @@ def build_trainer(model_config: ModelConfig, data_config: DataConfig, dft_config
 
 
 def train(model_config: ModelConfig, data_config: DataConfig, dft_config: DFTConfig, model=None, tokenizer=None) -> TrainResult:
-    """Train, then write <output_dir>/adapter, dft_state.*, log_history.jsonl, the config and the curves."""
+    """Train, then write <output_dir>/adapter, dft_state.*, log_history.jsonl, the config and the curves.
+
+    output_dir is locked for the run (`dftlite.outputs.output_lock`): a second run on it stops at once."""
     from rich.console import Console
     from rich.table import Table
 
@@ -583,47 +449,40 @@ def train(model_config: ModelConfig, data_config: DataConfig, dft_config: DFTCon
 
     console = Console()
     output_dir = Path(dft_config.output_dir)
-    trainer = build_trainer(model_config, data_config, dft_config, model, tokenizer)
-    if trainer.args.should_save:
-        save_resolved_config(output_dir, model_config, data_config, dft_config)
-    resume = dft_config.resume_from_checkpoint
-    if resume == "last":
-        resume = last_complete_checkpoint(output_dir) if output_dir.is_dir() else None
-        if resume is None:
-            raise ConfigError(f"resume_from_checkpoint: last, but {output_dir} holds no complete checkpoint")
-    output = trainer.train(resume_from_checkpoint=resume)
-    if trainer.interrupt.stopped_at is not None:
-        checkpoint = output_dir / f"{PREFIX_CHECKPOINT_DIR}-{trainer.interrupt.stopped_at}"
-        console.print(f"[bold yellow]Interrupted[/]: checkpoint saved at step {trainer.interrupt.stopped_at} in {checkpoint}. "
-                      f"Resume with: dftlite train ... --resume_from_checkpoint {checkpoint}")
-        raise SystemExit(130)
-    metrics = dict(output.metrics)
-    step_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    metrics.update(step_logs[-1] if step_logs else {})
-    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
-    if evals and evals[-1]["step"] == trainer.state.global_step:  # eval_strategy already evaluated the end
-        metrics.update(evals[-1])
-    elif trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
-    adapter_path, staging = output_dir / "adapter", output_dir / ".adapter.tmp"
-    try:
-        trainer.save_model(str(staging))  # PEFT adapter (safetensors) + tokenizer
+    writer = int(os.environ.get("RANK", "0")) == 0  # before the Trainer (and its accelerator) exists: the launcher's rank
+    with output_lock(output_dir, "output_dir") if writer else contextlib.nullcontext():
+        trainer = build_trainer(model_config, data_config, dft_config, model, tokenizer)
         if trainer.args.should_save:
-            shutil.rmtree(adapter_path, ignore_errors=True)
-            os.replace(staging, adapter_path)  # the adapter appears whole, or not at all
-            trainer.save_dft_state(output_dir)
-            write_text_atomic(output_dir / "log_history.jsonl",
-                              "".join(json.dumps(entry) + "\n" for entry in trainer.state.log_history))
-            plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
-    except Exception as err:
-        full = disk_full_error(err, output_dir, "the trained adapter")
-        if full is not None:
-            raise full from err
-        raise
-    finally:
-        if trainer.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
-    if trainer.args.should_save:
+            save_resolved_config(output_dir, model_config, data_config, dft_config)
+        resume = dft_config.resume_from_checkpoint
+        if resume == "last":
+            resume = last_complete_checkpoint(output_dir) if output_dir.is_dir() else None
+            if resume is None:
+                raise ConfigError(f"resume_from_checkpoint: last, but {output_dir} holds no complete checkpoint")
+        output = trainer.train(resume_from_checkpoint=resume)
+        if trainer.interrupt.stopped_at is not None:
+            checkpoint = output_dir / f"{PREFIX_CHECKPOINT_DIR}-{trainer.interrupt.stopped_at}"
+            console.print(f"[bold yellow]Interrupted[/]: checkpoint saved at step {trainer.interrupt.stopped_at} in {checkpoint}. "
+                          f"Resume with: dftlite train ... --resume_from_checkpoint {checkpoint}")
+            raise SystemExit(130)
+        metrics = dict(output.metrics)
+        step_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+        metrics.update(step_logs[-1] if step_logs else {})
+        evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+        if evals and evals[-1]["step"] == trainer.state.global_step:  # eval_strategy already evaluated the end
+            metrics.update(evals[-1])
+        elif trainer.eval_dataset is not None:
+            metrics.update(trainer.evaluate())
+        adapter_path, should_save = output_dir / "adapter", trainer.args.should_save
+        with disk_full_guard(output_dir, "the trained adapter"):
+            with staged_directory(adapter_path, owner=should_save) as staging:  # the adapter appears whole, or not at all
+                trainer.save_model(str(staging))  # PEFT adapter (safetensors) + tokenizer; every process takes part
+            if should_save:
+                trainer.save_dft_state(output_dir)
+                write_text_atomic(output_dir / "log_history.jsonl",
+                                  "".join(json.dumps(entry) + "\n" for entry in trainer.state.log_history))
+                plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
+    if should_save:
         table = Table(title=f"dftlite train ({dft_config.method}) → {output_dir}", show_header=False)
         for key in sorted(metrics):
             value = metrics[key]

@@ -165,7 +165,7 @@ def test_resume_after_kill(tiny, data_file, reference_pool, tmp_path, monkeypatc
     run(tiny, data_file, pool_dir, data_kwargs={"max_examples": 2}, score_train_prompt=True)  # a subset first
     assert len(pool_tokens(pool_dir)) == 8
 
-    real_append, calls = sampling._append_records, []
+    real_append, calls = sampling.append_records, []
 
     def crash_after_first_batch(path, records):
         if calls:
@@ -173,7 +173,7 @@ def test_resume_after_kill(tiny, data_file, reference_pool, tmp_path, monkeypatc
         calls.append(1)
         real_append(path, records)
 
-    monkeypatch.setattr(sampling, "_append_records", crash_after_first_batch)
+    monkeypatch.setattr(sampling, "append_records", crash_after_first_batch)
     with pytest.raises(KeyboardInterrupt):
         run(tiny, data_file, pool_dir, batch_size=3, score_train_prompt=True)
     monkeypatch.undo()

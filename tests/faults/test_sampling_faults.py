@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import write_jsonl
 
-from dftlite import sampling
+from dftlite import outputs, sampling
 from dftlite.data import DataConfig
 from dftlite.models import load_model
 from dftlite.sampling import SampleConfig, load_pool, sample_pool
@@ -141,7 +141,7 @@ def test_full_disk_leaves_whole_batches_and_resumes(job, tmp_path, monkeypatch, 
                 handle = open(path, mode, *args, **kwargs)
                 return FillingFile(handle, room) if Path(path).name == sampling.POOL_FILE and "a" in mode else handle
 
-            monkeypatch.setattr(sampling, "open", filling_open, raising=False)
+            monkeypatch.setattr(outputs, "open", filling_open, raising=False)  # the pool's appends are outputs.append_lines
         with pytest.raises(OSError) as error:
             sample(job, pool_dir)
         assert error.value.errno == errno.ENOSPC
