@@ -60,7 +60,7 @@ def run_demo(config: DemoConfig) -> dict:
     from dftlite.data import DataConfig
     from dftlite.evaluate import EvalConfig, evaluate
     from dftlite.export import ExportConfig, export
-    from dftlite.models import ModelConfig, load_model
+    from dftlite.models import ModelConfig, load_model, native_bf16
     from dftlite.sampling import SampleConfig, sample_pool
     from dftlite.trainer import DFTConfig, train
 
@@ -92,7 +92,7 @@ def run_demo(config: DemoConfig) -> dict:
     dft_config = DFTConfig(
         output_dir=str(root / "run"), method="dft2", pool_dir=str(root / "pool-train"), num_negatives_per_step=B,
         num_train_epochs=config.demo_epochs, per_device_train_batch_size=4, learning_rate=config.demo_learning_rate,
-        seed=config.demo_seed, gradient_checkpointing=on_gpu, save_strategy="no", bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        seed=config.demo_seed, gradient_checkpointing=on_gpu, save_strategy="no", bf16=native_bf16(),
     )
     result = train(model_config, train_data, dft_config, model=model, tokenizer=tokenizer)
     timings["train"] = time.time() - tick

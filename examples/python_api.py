@@ -28,7 +28,7 @@ import torch
 from dftlite.data import DataConfig
 from dftlite.evaluate import EvalConfig, evaluate
 from dftlite.export import ExportConfig, export
-from dftlite.models import ModelConfig, load_model
+from dftlite.models import ModelConfig, load_model, native_bf16
 from dftlite.sampling import SampleConfig, sample_pool
 from dftlite.trainer import DFTConfig, train
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     dft_config = DFTConfig(
         output_dir=str(out / "run"), method="dft2", pool_dir=str(out / "pool-train"), num_negatives_per_step=B,
         num_train_epochs=args.epochs, per_device_train_batch_size=4, learning_rate=2e-4, save_strategy="no",
-        gradient_checkpointing=on_gpu, bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        gradient_checkpointing=on_gpu, bf16=native_bf16(),
     )
     result = train(model_config, train_data, dft_config, model=model, tokenizer=tokenizer)
 

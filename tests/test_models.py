@@ -139,3 +139,24 @@ def test_4bit_gradients_are_right_after_a_sampler_view_forward(tiny_model_dir):
     assert fresh.keys() == after_sampling.keys()
     for name in fresh:
         torch.testing.assert_close(after_sampling[name], fresh[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("capability, native", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_bf16_is_decided_by_compute_capability(monkeypatch, capability, native):
+    # A T4 (7.5) emulates bf16, and recent torch's is_bf16_supported() says True there: it must not decide.
+    from dftlite import models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert models.native_bf16() is native
+    assert models._compute_dtype("auto") == (torch.bfloat16 if native else torch.float16)
+    assert models._compute_dtype("fp32") == torch.float32  # an explicit choice is kept
+
+
+def test_bf16_off_and_fp32_compute_without_a_gpu(monkeypatch):
+    from dftlite import models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert models.native_bf16() is False
+    assert models._compute_dtype("auto") == torch.float32
