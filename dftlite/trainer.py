@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -43,12 +44,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from dftlite.config import ConfigError, disk_full_error, write_text_atomic
 from dftlite.data import DataConfig, load_data
-from dftlite.dft_config import DFTConfig
+from dftlite.dft_config import DFTConfig, schedule_problem
 from dftlite.draws import Group, NegativeDraws, Split, load_split, micro_batches, pad_groups
 from dftlite.estimators import LogUTable
 from dftlite.logprobs import sequence_logprobs
 from dftlite.losses import dft2_loss, dft_loss, dpo_loss, simpo_loss, sft_loss
 from dftlite.models import ModelConfig, load_model, sampler_view
+
+logger = logging.getLogger(__name__)
 
 DFT_STATE, DFT_STATE_META = "dft_state.safetensors", "dft_state.json"
 STATE_FORMAT_VERSION = 1
@@ -217,6 +220,13 @@ class DFTTrainer(Trainer):
         if args.max_steps > 0:
             return math.ceil(args.max_steps / updates_per_epoch)
         return math.ceil(args.num_train_epochs)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """Trainer's scheduler, and a warning when it leaves the run without a real update."""
+        problem = schedule_problem(self.args, num_training_steps)
+        if problem and self.args.should_log:
+            logger.warning("warning: %s", problem)
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def train(self, *args, **kwargs):
         """Trainer.train, with Ctrl-C turned into: save a checkpoint at the next step boundary, then stop."""

@@ -255,3 +255,26 @@ def test_shipped_train_config_parses():
     model_config, data_config, dft_config = parse_args([ModelConfig, DataConfig, DFTConfig], ["--config", str(path)],
                                                        shared_types=_recipe_types())
     assert dft_config.method == "dft2" and dft_config.pool_dir and (REPO / data_config.data_path).is_file()
+
+
+def test_a_one_step_run_changes_the_adapter(workspace, tmp_path):
+    # 8 prompts, batch 8, 1 epoch = 1 optimizer step. With a fractional warmup that step ran at
+    # learning rate 0 and the adapter came out equal to its initialisation.
+    ws, model_config = workspace, _model_config(workspace["model_dir"])
+    model, tokenizer = load_model(model_config)
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    config = _config(ws, tmp_path / "one", num_train_epochs=1, per_device_train_batch_size=8, warmup_steps=0.1)
+    result = train(model_config, _data(ws), config, model, tokenizer)
+    assert result.metrics["train_loss"] > 0
+    # LoRA starts with B = 0, so the first step's gradient reaches every lora_B and no lora_A
+    lora_b = sorted(name for name in before if "lora_B" in name)
+    changed = [name for name, p in model.named_parameters() if p.requires_grad and not torch.equal(p.detach(), before[name])]
+    assert lora_b and sorted(changed) == lora_b, "the single step must update every lora_B"
+
+
+def test_a_run_without_a_real_update_warns(workspace, tmp_path, caplog):
+    ws, model_config = workspace, _model_config(workspace["model_dir"])
+    config = _config(ws, tmp_path / "zero", num_train_epochs=1, per_device_train_batch_size=8, warmup_steps=1)
+    with caplog.at_level("WARNING", logger="dftlite.trainer"):
+        train(model_config, _data(ws), config)
+    assert any("all have learning rate 0" in record.getMessage() for record in caplog.records)
