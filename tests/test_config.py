@@ -124,3 +124,11 @@ def test_cli_refuses_an_abbreviated_option_before_any_work(tmp_path):
 def test_train_help_does_not_offer_refused_keys():
     out = subprocess.run([sys.executable, "-m", "dftlite.cli", "train", "--help"], capture_output=True, text=True, check=True)
     assert "--learning_rate" in out.stdout and "--hub_token" not in out.stdout
+
+
+@pytest.mark.parametrize("command", [[], ["train"]])  # train imports every library the others do
+def test_help_prints_no_warning_or_library_noise(command):
+    # -W default shows every warning Python would otherwise hide; none may reach the user on --help
+    out = subprocess.run([sys.executable, "-W", "default", "-m", "dftlite.cli", *command, "--help"],
+                         capture_output=True, text=True, check=True)
+    assert out.stderr == "" and "usage: dftlite" in out.stdout
