@@ -5,7 +5,8 @@
 
 bundled GSM8K subset → sample negatives from the frozen base (sampler view) → DFT2 QLoRA
 training → evaluation of the base and the adapter side by side → adapter export.
-Sized for at most 15 minutes on 2 CPU cores (measured: about 5; README); a GPU is used automatically when present.
+Sized for at most 15 minutes on 2 CPU cores (measured: about 7 after install, on a near-idle machine; README);
+a GPU is used automatically when present.
 """
 
 from __future__ import annotations
