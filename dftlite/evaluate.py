@@ -34,7 +34,7 @@ import torch
 from dftlite.config import make_dir, to_dict, write_text_atomic
 from dftlite.data import DataConfig, DataError, Example, encode_answer, encode_prompt, load_data, render_prompt
 from dftlite.models import ModelConfig, load_base_model, load_model, plain_generation_config, sampler_view, stop_token_ids
-from dftlite.progress import Progress
+from dftlite.progress import Progress, StepStreamer
 
 logger = logging.getLogger(__name__)
 
@@ -115,25 +115,6 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-class _StepStreamer:
-    """A `generate` streamer that advances a Progress by one token per row at every decoding step.
-
-    transformers calls put() with the prompt ids first (skipped), then with each step's new tokens (B,)."""
-
-    def __init__(self, progress):
-        self.progress, self.prompt_seen, self.steps = progress, False, 0
-
-    def put(self, value):
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.steps += 1
-        self.progress.advance(value.shape[0])
-
-    def end(self):
-        pass
-
-
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 16,
                     template: str = "chat") -> list[str]:
     """Greedy completions of rendered prompts (as `render_prompt` gives them), in input order.
@@ -157,7 +138,7 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
             width = max(len(encoded[i]) for i in rows)
             input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in rows], device=device)  # (B, T)
             attention_mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in rows], device=device)
-            streamer = _StepStreamer(progress)
+            streamer = StepStreamer(progress)
             sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                        streamer=streamer)
             for row, tokens in zip(rows, sequences[:, width:].tolist()):  # (B, new tokens); pads follow each EOS
