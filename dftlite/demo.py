@@ -78,9 +78,12 @@ def explain_summary(results: dict, num_train: int) -> list[str]:
                      f"base model's negatives, per token. After: {adapter['win_rate']:.0%} (95% interval {low:.0%}-{high:.0%}).")
     gold_change = adapter["gold_logp_per_token"] - base["gold_logp_per_token"]
     negative_change = adapter["negative_logp_per_token"] - base["negative_logp_per_token"]
-    lines.append(f"gold log-lik / token: the mean log-probability per token of the reference answers. Higher is better; "
-                 f"it moved {gold_change:+.3f}. DFT2 raises it and lowers the negatives' ({negative_change:+.3f}): the "
-                 f"direction to look for at this size.")
+    lines.append(f"gold log-lik / token: the mean log-probability per token of the reference answers; it moved "
+                 f"{gold_change:+.3f}, the negatives' {negative_change:+.3f}. DFT2 aims to raise the first and lower the "
+                 f"second: at this size, that direction is the signal to look for.")
+    if gold_change < 0 or negative_change > 0:
+        lines.append(f"Here at least one moved the other way: with {num_train} training problems a few optimizer steps "
+                     "decide it, and that is within run-to-run noise, not evidence against the method.")
     if adapter.get("total"):
         total = adapter["total"]
         ranges = [wilson_interval(results[view]["correct"], total) for view in ("base", "adapter")]

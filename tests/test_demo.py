@@ -27,6 +27,13 @@ def test_summary_explains_each_number_and_its_noise():
     text = "\n".join(explain_summary(results, num_train=16))
     assert "out-scores every one of the base model's negatives, per token" in text
     assert "After: 5% (95% interval 1%-24%)" in text  # Wilson 1/20: 0.0089-0.2361
-    assert "moved +0.151" in text and "(-0.047)" in text
+    assert "moved +0.151, the negatives' -0.047" in text and "other way" not in text
     assert "1/20 before, 0/20 after (95% intervals 1%-24% and 0%-16%)" in text
     assert "accuracy is noise" in text and "trains on 16 problems" in text
+
+
+def test_summary_says_when_the_numbers_moved_the_wrong_way():
+    row = {"correct": 0, "total": 20, "win_rate": 0.0, "negative_logp_per_token": -0.7, "num_prompts": 20}
+    results = {"base": {**row, "gold_logp_per_token": -1.5}, "adapter": {**row, "gold_logp_per_token": -1.6}}
+    text = "\n".join(explain_summary(results, num_train=16))
+    assert "moved -0.100" in text and "moved the other way" in text and "not evidence against the method" in text
