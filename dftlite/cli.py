@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Discriminative Fine-Tuning (DFT/DFT2; Guo et al. 2025, arXiv 2502.18679) with QLoRA. "
         "Not TRL's loss_type='dft', which is Dynamic Fine-Tuning.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
         epilog="Run 'dftlite COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"dftlite {__version__}")

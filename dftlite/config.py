@@ -9,7 +9,9 @@ config is saved next to every output.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import difflib
 import enum
 import json
 import os
@@ -26,6 +28,32 @@ from dftlite.outputs import disk_full_error, make_dir, write_text_atomic  # noqa
 
 class ConfigError(ValueError):
     """A config file or override that does not match the config dataclasses."""
+
+
+# TrainingArguments fields a dftlite user does not set: left out of `--help` and of the valid-key lists.
+# hub_token is refused (it would be saved with the run; HF_TOKEN is the way); remove_unused_columns must
+# stay false; gradient_checkpointing_kwargs is a deprecated alias; local_rank is the launcher's;
+# do_train/do_eval/do_predict are not read by the Trainer.
+NOT_FOR_USERS = frozenset({"hub_token", "remove_unused_columns", "gradient_checkpointing_kwargs", "local_rank",
+                           "do_train", "do_eval", "do_predict"})
+
+
+def _did_you_mean(name: str, candidates) -> str | None:
+    """The nearest valid name to a mistyped one (difflib's ratio >= 0.6), or None."""
+    matches = difflib.get_close_matches(name, [c for c in candidates if c not in NOT_FOR_USERS], n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _unknown_message(unknown: list[str], fields, shared, prefix: str = "") -> str:
+    """'did you mean' for each unknown name; names of another dftlite command say so."""
+    hints = []
+    for name in unknown:
+        if name in shared:
+            hints.append(f"{prefix}{name} is a {shared[name][0].__name__} setting, for another dftlite command")
+        else:
+            guess = _did_you_mean(name, [*fields, *shared])
+            hints.append(f"did you mean {prefix}{guess} (not {prefix}{name})?" if guess else f"{prefix}{name}: no similar key")
+    return "; ".join(hints)
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -80,7 +108,8 @@ def check_yaml(path: str | Path, dataclass_types, shared_types=()) -> dict:
     shared = {k: v for k, v in _fields(shared_types).items() if k not in fields}
     unknown = sorted(k for k in config if k not in fields and k not in shared and k != "env")
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {unknown}. Valid keys: {', '.join(sorted(fields))}")
+        valid = ", ".join(sorted(k for k in fields if k not in NOT_FOR_USERS))
+        raise ConfigError(f"{path}: unknown key(s) {unknown}: {_unknown_message(unknown, fields, {})}. Valid keys: {valid}")
     for key, value in config.items():
         if key == "env":
             continue
@@ -100,7 +129,11 @@ def parse_args(dataclass_types, argv: list[str] | None, prog: str | None = None,
     from trl import TrlParser
 
     argv = list(argv or [])
-    parser = TrlParser(dataclass_types, prog=prog)
+    # allow_abbrev=False: `--max_example 4` is an error with a suggestion, not a silent --max_examples
+    parser = TrlParser(dataclass_types, prog=prog, allow_abbrev=False)
+    for action in parser._actions:
+        if action.dest in NOT_FOR_USERS:
+            action.help = argparse.SUPPRESS  # still parsed (hub_token gets its own error), not advertised
     if "--config" in argv:
         index = argv.index("--config")
         if index + 1 >= len(argv):
@@ -110,6 +143,17 @@ def parse_args(dataclass_types, argv: list[str] | None, prog: str | None = None,
         for key, value in (config.pop("env", None) or {}).items():
             os.environ[key] = str(value)
         parser.set_defaults_with_config(**config)
+    # Unknown options first: a typo must not be hidden behind a config's own error (a required field)
+    _, remaining = parser.parse_known_args(args=argv)
+    if remaining:
+        options = [arg.split("=", 1)[0] for arg in remaining if arg.startswith("--")]
+        if not options:
+            raise ConfigError(f"unexpected argument(s) {remaining}: every value follows its --field")
+        fields = _fields(dataclass_types)
+        shared = {k: v for k, v in _fields(shared_types).items() if k not in fields}
+        names = [option[2:].replace("-", "_") for option in options]
+        help_hint = f" `{prog} --help` lists the options." if prog else ""
+        raise ConfigError(f"unknown option(s) {options}: {_unknown_message(names, fields, shared, '--')}.{help_hint}")
     try:
         return tuple(parser.parse_args_into_dataclasses(args=argv))
     except ValueError as err:

@@ -16,6 +16,10 @@ from typing import Literal
 from transformers import TrainingArguments
 
 METHODS = ("dft2", "dft", "sft", "simpo", "simpo_sft", "dpo")
+# A linear warmup's first step runs at learning rate 0 (transformers: lr = step / warmup at step 0), so a
+# fractional warmup costs a short run a real share of its updates: 1 of the demo's 8. Below this many
+# optimizer steps a fractional warmup is skipped; from 20 on it wastes at most 1 step in 20.
+MIN_STEPS_FOR_WARMUP = 20
 
 
 @dataclass
@@ -95,7 +99,9 @@ class DFTConfig(TrainingArguments):
     )
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (transformers' names)."})
     warmup_steps: float = field(
-        default=0.1, metadata={"help": "Linear warmup: steps if >= 1, else a fraction of all steps."}
+        default=0.1,
+        metadata={"help": "Linear warmup: steps if >= 1, else a fraction of all steps, applied only to runs of at "
+                  f"least {MIN_STEPS_FOR_WARMUP} steps (a warmup's first step runs at learning rate 0)."},
     )
     per_device_train_batch_size: int = field(
         default=4, metadata={"help": "S, prompts per step per device (each brings 1 + B sequences)."}
@@ -164,3 +170,47 @@ class DFTConfig(TrainingArguments):
             name = "activation_checkpointing" if hasattr(self, "activation_checkpointing") else "gradient_checkpointing"
             setattr(self, name, True)
         super().__post_init__()
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        """Warmup steps of a run of `num_training_steps` optimizer steps (TrainingArguments asks this).
+
+        Whole steps (>= 1) are kept as given; a fraction applies only from MIN_STEPS_FOR_WARMUP steps on."""
+        if self.warmup_steps >= 1:
+            return int(self.warmup_steps)
+        if num_training_steps < MIN_STEPS_FOR_WARMUP:
+            return 0
+        return math.ceil(num_training_steps * self.warmup_steps)
+
+
+def schedule_problem(args: TrainingArguments, num_training_steps: int, max_simulated: int = 10_000) -> str | None:
+    """What is wrong with a run's learning-rate schedule, in one sentence for the user, or None.
+
+    Catches a run in which no optimizer step has a learning rate above 0 (the adapter cannot change)
+    and a warmup that covers the whole run. The schedule is transformers' own (`get_scheduler`), stepped
+    on a one-parameter optimizer, so every scheduler type is judged the same way."""
+    import torch
+    from transformers import get_scheduler
+
+    warmup = args.get_warmup_steps(num_training_steps)
+    how = (f"learning_rate {args.learning_rate:g}, {args.lr_scheduler_type} schedule, warmup_steps {args.warmup_steps:g} "
+           f"→ {warmup} warmup step(s)")
+    fix = ("Raise learning_rate or lower warmup_steps, or train more steps (more examples, num_train_epochs, "
+           "or a smaller per_device_train_batch_size).")
+    try:
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.learning_rate)
+        scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=warmup,
+                                  num_training_steps=num_training_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+        rates = []
+        for _ in range(min(num_training_steps, max_simulated)):  # (steps,): the rate each optimizer step uses
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+    except (TypeError, ValueError):  # a scheduler that needs more than steps (reduce_lr_on_plateau): not judged
+        return None
+    if not any(rate > 0 for rate in rates):
+        return (f"this run's {num_training_steps} optimizer step(s) all have learning rate 0 ({how}): training "
+                f"will not change the model. {fix}")
+    if warmup >= num_training_steps:
+        return (f"the warmup covers all {num_training_steps} optimizer step(s) of this run ({how}): the learning rate "
+                f"never reaches its peak and the first step is at 0. {fix}")
+    return None

@@ -35,6 +35,7 @@ from dftlite.config import to_dict
 from dftlite.data import DataConfig, DataError, Example, encode_answer, encode_prompt, load_data, render_prompt
 from dftlite.models import ModelConfig, load_base_model, load_model, plain_generation_config, sampler_view, stop_token_ids
 from dftlite.outputs import make_dir, write_text_atomic
+from dftlite.progress import Progress, StepStreamer
 
 logger = logging.getLogger(__name__)
 
@@ -115,15 +116,6 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-def _progress(description: str):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    # stderr, so that `--json` output on stdout stays parseable
-    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), transient=True)
-
-
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 16,
                     template: str = "chat") -> list[str]:
     """Greedy completions of rendered prompts (as `render_prompt` gives them), in input order.
@@ -138,19 +130,22 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     device = next(model.parameters()).device
     outputs: list[str] = [""] * len(prompts)
+    # Progress in tokens, so it moves at every decoding step, not once per batch (minutes on a CPU). The total is
+    # the budget, prompts × max_new_tokens; a batch whose rows all stop early adds its unused budget at its end.
     with (_eval_mode(model), torch.no_grad(), plain_generation_config(model, max_new_tokens, eos_ids, pad_id) as config,
-          _progress("generating") as progress):
-        task = progress.add_task("generate", total=len(prompts))
+          Progress("generating", total=len(prompts) * max_new_tokens, unit="tokens") as progress):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             width = max(len(encoded[i]) for i in rows)
             input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in rows], device=device)  # (B, T)
             attention_mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in rows], device=device)
-            sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            streamer = StepStreamer(progress)
+            sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                       streamer=streamer)
             for row, tokens in zip(rows, sequences[:, width:].tolist()):  # (B, new tokens); pads follow each EOS
                 ends = [t for t, token in enumerate(tokens) if token in eos_ids]
                 outputs[row] = tokenizer.decode(tokens[: ends[0]] if ends else tokens, skip_special_tokens=True)
-            progress.advance(task, len(rows))
+            progress.advance(len(rows) * (max_new_tokens - streamer.steps))
     return outputs
 
 
@@ -194,8 +189,7 @@ def _score(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_s
     device = next(model.parameters()).device
     order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, pairs[i])))  # less padding
     scores = [0.0] * len(pairs)
-    with _eval_mode(model), torch.no_grad(), _progress("scoring") as progress:
-        task = progress.add_task("score", total=len(pairs))
+    with _eval_mode(model), torch.no_grad(), Progress("scoring", total=len(pairs), unit="sequences") as progress:
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             width = max(sum(map(len, pairs[i])) for i in rows)
@@ -213,7 +207,7 @@ def _score(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_s
                 logp_sums, token_counts = naive_sequence_logprobs(model, *batch)
             for i, value in zip(rows, (logp_sums.double() / token_counts).cpu().tolist()):
                 scores[i] = value
-            progress.advance(task, len(rows))
+            progress.advance(len(rows))
     return scores
 
 

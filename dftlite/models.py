@@ -49,7 +49,7 @@ class ModelConfig:
     )
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(
         default="auto",
-        metadata={"help": "Compute dtype of 4/8-bit layers; auto = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."},
+        metadata={"help": "Compute dtype of 4/8-bit layers; auto = bf16 on GPUs of compute capability >= 8.0 (Ampere on), fp16 on older ones (T4, V100), fp32 on CPU."},
     )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (typically 8-64). 0 disables LoRA (full model, for tests/eval)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha; usually 2*rank."})
@@ -198,12 +198,19 @@ def resolve_model_path(name_or_path: str, cache_dir: str | None = None) -> str:
     return str(convert_gguf(directory, gguf_file, cache_dir))
 
 
-def native_bf16() -> bool:
-    """Whether the GPU computes bf16 natively (compute capability 8.0+: A100, L4, H100, ...).
+BF16_MIN_CAPABILITY = (8, 0)  # Ampere and newer compute bf16 in hardware; a T4 (7.5) or V100 (7.0) does not
 
-    Not `torch.cuda.is_bf16_supported()`: since torch 2.3 that also says True where bf16 is only
-    emulated, e.g. on Colab's T4 (7.5), which then runs bf16 matmuls many times slower than fp16."""
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
+def native_bf16() -> bool:
+    """Does the current CUDA GPU compute bf16 natively (compute capability >= 8.0)? False without a GPU.
+
+    The one place dftlite decides bf16 versus fp16. Not `torch.cuda.is_bf16_supported()`: in recent
+    torch that answers True on a T4 too, through slow emulation, unless `including_emulation=False`
+    is passed, and a free Colab T4 would then train in emulated bf16.
+    """
+    if not torch.cuda.is_available():
+        return False
+    return tuple(torch.cuda.get_device_capability()) >= BF16_MIN_CAPABILITY
 
 
 def _compute_dtype(name: str) -> torch.dtype:

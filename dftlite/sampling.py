@@ -156,8 +156,11 @@ def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return input_ids, attention_mask
 
 
-def generate_batch(model, prompt_ids: list[list[int]], seeds: list[int], config: SampleConfig, eos_ids: list[int], pad_id: int):
-    """Sample one completion per row. Returns [(token_ids, finish_reason, logp_sampler)], row order."""
+def generate_batch(model, prompt_ids: list[list[int]], seeds: list[int], config: SampleConfig, eos_ids: list[int], pad_id: int,
+                   streamer=None):
+    """Sample one completion per row. Returns [(token_ids, finish_reason, logp_sampler)], row order.
+
+    `streamer`: passed to `generate` (progress.StepStreamer moves the progress bar at every decoding step)."""
     from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
@@ -166,7 +169,7 @@ def generate_batch(model, prompt_ids: list[list[int]], seeds: list[int], config:
     with plain_generation_config(model, config.max_new_tokens, eos_ids, pad_id) as generation_config, torch.no_grad():
         sequences = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
-            logits_processor=LogitsProcessorList([sampler]),
+            logits_processor=LogitsProcessorList([sampler]), streamer=streamer,
         )
     completions = sequences[:, input_ids.shape[1]:].tolist()  # (B, T), pads after each row's EOS
     step_logps = torch.stack(sampler.step_logps, dim=1).double().cpu()  # (B, steps)
@@ -278,8 +281,9 @@ def sample_pool(model_config: ModelConfig, data_config: DataConfig, sample_confi
 def _sample_pool(model_config: ModelConfig, data_config: DataConfig, sample_config: SampleConfig, examples, model,
                  tokenizer) -> PoolStats:
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
+
+    from dftlite.progress import Progress, StepStreamer
 
     if model is None or tokenizer is None:
         model, tokenizer = load_model(model_config)
@@ -309,14 +313,16 @@ def _sample_pool(model_config: ModelConfig, data_config: DataConfig, sample_conf
 
     console = Console(stderr=True)
     new_tokens, started = 0, time.perf_counter()
-    columns = [TextColumn("sampling"), BarColumn(), TextColumn("{task.fields[prompts]} prompts"),
-               TextColumn("{task.fields[rate]:.1f} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     prompts_done = sum(1 for v in remaining.values() if v == 0)
-    with sampler_view(model), Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("sample", total=len(todo), prompts=f"{prompts_done}/{len(prompts)}", rate=0.0)
+    # Progress in tokens, moving at every decoding step; the total is the budget, completions × max_new_tokens,
+    # and a batch that stops early adds its unused budget at its end.
+    with sampler_view(model), Progress("sampling", total=len(todo) * config.max_new_tokens, unit="tokens",
+                                       console=console) as progress:
+        progress.status = f"{prompts_done}/{len(prompts)} prompts"
         for batch in _batches(todo, config, device_type):
             seeds = [completion_seed(config.seed, p.id, k) for p, k in batch]
-            results = generate_batch(model, [p.sampler_ids for p, _ in batch], seeds, config, eos_ids, pad_id)
+            streamer = StepStreamer(progress)
+            results = generate_batch(model, [p.sampler_ids for p, _ in batch], seeds, config, eos_ids, pad_id, streamer)
             train_logps = [None] * len(batch)
             if config.score_train_prompt:
                 train_logps = score_completions(model, [p.train_ids for p, _ in batch], [r[0] for r in results], pad_id)
@@ -335,8 +341,8 @@ def _sample_pool(model_config: ModelConfig, data_config: DataConfig, sample_conf
                 remaining[record["id"]] -= 1
                 prompts_done += remaining[record["id"]] == 0
                 new_tokens += record["num_tokens"]
-            rate = new_tokens / max(time.perf_counter() - started, 1e-9)
-            progress.update(task, advance=len(batch), prompts=f"{prompts_done}/{len(prompts)}", rate=rate)
+            progress.status = f"{prompts_done}/{len(prompts)} prompts"
+            progress.advance(len(batch) * (config.max_new_tokens - streamer.steps))
     seconds = time.perf_counter() - started
 
     for records in records_by_id.values():

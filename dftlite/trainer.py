@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from dftlite.config import ConfigError
 from dftlite.data import DataConfig, load_data
-from dftlite.dft_config import DFTConfig
+from dftlite.dft_config import DFTConfig, schedule_problem
 from dftlite.draws import (Group, IndexDataset, NegativeDraws, Split, check_whole_batches, collate_indices,
                            epochs_planned, load_split, micro_batches, pad_groups)
 from dftlite.estimators import LogUTable
@@ -49,6 +50,7 @@ from dftlite.outputs import (SaveOnInterrupt, checkpoint_guard, disk_full_guard,
                              last_complete_checkpoint, load_dft_state, output_lock, save_dft_state, staged_directory,
                              write_text_atomic)  # keeping outputs whole: one module for every command
 
+logger = logging.getLogger(__name__)
 STATE_FORMAT_VERSION = 1
 
 
@@ -111,6 +113,13 @@ class DFTTrainer(Trainer):
     def _draws(self, split: Split, per_draw: int) -> NegativeDraws:
         counts = [len(negatives) for negatives in split.negatives]
         return NegativeDraws(split.ids, counts, per_draw, self.args.seed, self.args.allow_negative_reuse)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """Trainer's scheduler, and a warning when it leaves the run without a real update."""
+        problem = schedule_problem(self.args, num_training_steps)
+        if problem and self.args.should_log:
+            logger.warning("warning: %s", problem)
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def train(self, *args, **kwargs):
         """Trainer.train, with Ctrl-C turned into: save a checkpoint at the next step boundary, then stop."""

@@ -222,3 +222,31 @@ def test_eval_config_validation():
     with pytest.raises(ValueError, match="eval_batch_size"):
         EvalConfig(eval_batch_size=0)
     assert EvalConfig(adapter_path="", pool_dir="").adapter_path is None
+
+
+def test_greedy_generate_progress_moves_at_every_decoding_step(adapter_model, monkeypatch):
+    # It used to move once per batch of 16 prompts: minutes at 0/N on a CPU.
+    advances = []
+
+    class Recorder:
+        def __init__(self, description, total, unit="items", **kwargs):
+            self.total = total
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def advance(self, amount=1):
+            advances.append(amount)
+
+    monkeypatch.setattr(evaluate_module, "Progress", Recorder)
+    model, tokenizer = adapter_model
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in ["Natalia sold 48 clips.", "How many?", "Weng earns $12 an hour."]]
+    greedy_generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=2)
+    # batches of 2 and 1 rows: per decoding step one token per row, then each batch's unused budget
+    steps_of_first_batch = next(i for i, a in enumerate(advances) if a != 2)
+    assert steps_of_first_batch >= 1 and len(advances) > 2
+    assert sum(advances) == 3 * 6  # the whole budget, prompts × max_new_tokens, is reached exactly

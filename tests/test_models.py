@@ -141,13 +141,22 @@ def test_4bit_gradients_are_right_after_a_sampler_view_forward(tiny_model_dir):
         torch.testing.assert_close(after_sampling[name], fresh[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("capability, expected", [((7, 5), torch.float16), ((8, 0), torch.bfloat16)], ids=["T4", "A100"])
-def test_auto_compute_dtype_is_fp16_where_bf16_is_only_emulated(monkeypatch, capability, expected):
+@pytest.mark.parametrize("capability, native", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_bf16_is_decided_by_compute_capability(monkeypatch, capability, native):
+    # A T4 (7.5) emulates bf16, and recent torch's is_bf16_supported() says True there: it must not decide.
     from dftlite import models
 
-    # a T4 as torch >= 2.3 describes it: is_bf16_supported() is True (emulation), capability 7.5
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: capability)
-    assert models._compute_dtype("auto") is expected
-    assert models._compute_dtype("fp32") is torch.float32  # an explicit choice is kept
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert models.native_bf16() is native
+    assert models._compute_dtype("auto") == (torch.bfloat16 if native else torch.float16)
+    assert models._compute_dtype("fp32") == torch.float32  # an explicit choice is kept
+
+
+def test_bf16_off_and_fp32_compute_without_a_gpu(monkeypatch):
+    from dftlite import models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert models.native_bf16() is False
+    assert models._compute_dtype("auto") == torch.float32

@@ -313,3 +313,20 @@ def test_embedded_model_logp_sampler(gsm8k_rows, tmp_path):
             prompt_ids = encode_prompt(tokenizer, record["sampler_prompt"], "chat")
             per_token = teacher_forced_logp(model, prompt_ids, record["token_ids"])
             assert record["logp_sampler"] == pytest.approx(per_token.sum().item(), abs=1e-4 * record["num_tokens"])
+
+
+def test_sampling_progress_moves_at_every_decoding_step(tiny, data_file, tmp_path, monkeypatch):
+    # A batch of completions can take minutes on a CPU: the bar moves per decoding step, not per batch.
+    import dftlite.progress
+
+    advances = []
+
+    class Recorder(dftlite.progress.Progress):
+        def advance(self, amount=1):
+            advances.append(amount)
+
+    monkeypatch.setattr(dftlite.progress, "Progress", Recorder)
+    stats = run(tiny, data_file, tmp_path / "pool", batch_size=8)  # 6 prompts × 4 negatives = 24 completions
+    assert stats.new_records == 24
+    assert sum(advances) == 24 * SETTINGS["max_new_tokens"]  # the whole budget, exactly
+    assert advances.count(8) >= 2, "one advance of 8 rows per decoding step of a full batch"
