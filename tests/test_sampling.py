@@ -330,3 +330,20 @@ def test_sampling_progress_moves_at_every_decoding_step(tiny, data_file, tmp_pat
     assert stats.new_records == 24
     assert sum(advances) == 24 * SETTINGS["max_new_tokens"]  # the whole budget, exactly
     assert advances.count(8) >= 2, "one advance of 8 rows per decoding step of a full batch"
+
+
+@pytest.mark.parametrize("no_system", ["", None])
+def test_no_sampler_system_prompt_samples_from_the_training_prompt(tiny, data_file, tmp_path, no_system):
+    """sampler_system_prompt "" or None: x̄ is x itself, so log P_g0(y'|x̄) equals log P_g0(y'|x)
+    exactly; the default adversarial message makes them differ."""
+    plain = run(tiny, data_file, tmp_path / "plain", num_negatives=2, max_new_tokens=6, score_train_prompt=True,
+                sampler_system_prompt=no_system)
+    adversarial = run(tiny, data_file, tmp_path / "adversarial", num_negatives=2, max_new_tokens=6,
+                      score_train_prompt=True)
+    assert plain.num_records and adversarial.num_records
+    for pool_dir, same in [(tmp_path / "plain", True), (tmp_path / "adversarial", False)]:
+        meta, records = load_pool(pool_dir)
+        pairs = [(r["logp_sampler"], r["logp_train_prompt"]) for rs in records.values() for r in rs if r["token_ids"]]
+        assert pairs
+        assert all(a == pytest.approx(b, abs=1e-5) for a, b in pairs) is same
+        assert ("unhelpful" in json.dumps(meta)) is (not same)
