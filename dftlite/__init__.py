@@ -18,10 +18,14 @@ warnings.filterwarnings("ignore", message=r"'pin_memory' argument is set as true
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script_method` is deprecated", category=DeprecationWarning)
 
 
-def _not_the_cpu_kernel_download(record: logging.LogRecord) -> bool:
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+def not_the_cpu_kernel_download(record: logging.LogRecord) -> bool:
     # bitsandbytes on AVX512-BF16 CPUs tries to fetch a kernel from the Hub and logs its failure; dftlite
     # switches that kernel off anyway (models._keep_4bit_trainable_on_cpu), so the line only misleads.
+    # `dftlite --verbose` shows it again.
     return "gemm_4bit_forward" not in record.getMessage()
 
 
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_cpu_kernel_download)
+logging.getLogger(BNB_CPU_LOGGER).addFilter(not_the_cpu_kernel_download)

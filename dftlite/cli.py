@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from dftlite import __version__
+from dftlite import BNB_CPU_LOGGER, __version__, not_the_cpu_kernel_download
 
 COMMANDS = {
     "sample": "Sample negatives y' from the frozen base model P_g0(.|x̄) into a pool (JSONL).",
@@ -89,18 +89,12 @@ def _demo(argv):
 HANDLERS = {"sample": _sample, "train": _train, "eval": _eval, "export": _export, "demo": _demo}
 
 
-# Loggers whose warnings a user cannot act on: bitsandbytes' CPU backend tries, at import, to fetch a
-# kernel from the Hub ("Failed to load CPU gemm_4bit_forward from kernels-community ..."), which fails
-# offline and changes nothing on CPU. Shown with --verbose.
-QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv
     argv = [arg for arg in argv if arg != "--verbose"]
-    for name in QUIET_LOGGERS:  # before anything imports bitsandbytes
-        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)
+    if verbose:  # show bitsandbytes' Hub-kernel line again (dftlite/__init__.py hides it)
+        logging.getLogger(BNB_CPU_LOGGER).removeFilter(not_the_cpu_kernel_download)
     parser = argparse.ArgumentParser(
         prog="dftlite",
         description="Discriminative Fine-Tuning (DFT/DFT2; Guo et al. 2025, arXiv 2502.18679) with QLoRA. "
