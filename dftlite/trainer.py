@@ -600,6 +600,9 @@ def train(model_config: ModelConfig, data_config: DataConfig, dft_config: DFTCon
     adapter_path, staging = output_dir / "adapter", output_dir / ".adapter.tmp"
     try:
         trainer.save_model(str(staging))  # PEFT adapter (safetensors) + tokenizer
+        # PEFT's boilerplate card names the base by the path it was loaded from (a cache of this machine):
+        # pushed as is, that folder is a broken repo. `dftlite export` writes the real card.
+        (staging / "README.md").unlink(missing_ok=True)
         if trainer.args.should_save:
             shutil.rmtree(adapter_path, ignore_errors=True)
             os.replace(staging, adapter_path)  # the adapter appears whole, or not at all

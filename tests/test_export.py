@@ -51,7 +51,11 @@ def reference(model_config, run_dir):
     return model, tokenizer, input_ids
 
 
+TINY_ID = "dftlite-test/tiny-llama"  # the tiny base's stand-in Hub id (a local directory has none)
+
+
 def run_export(model_config, run_dir, export_dir, **kwargs):
+    kwargs.setdefault("base_model_id", TINY_ID)
     return export(model_config, ExportConfig(adapter_path=str(run_dir / "adapter"), export_dir=str(export_dir), **kwargs))
 
 
@@ -82,7 +86,8 @@ def test_adapter_reloads_with_identical_logits(model_config, run_dir, reference,
     assert "logging_steps" not in card  # TrainingArguments plumbing stays off the card
     assert "gsm8k_train.jsonl" in card  # data
     assert "| accuracy | 0.2 | 0.6 |" in card  # metrics from the run's eval.json
-    assert "PeftModel.from_pretrained" in card and "merged" not in card
+    assert "AutoPeftModelForCausalLM.from_pretrained" in card and "merged" not in card
+    assert "import dftlite" not in card and "from dftlite" not in card
 
 
 def test_merged_fp32_reproduces_base_plus_adapter(model_config, run_dir, reference, tmp_path):
@@ -101,7 +106,7 @@ def test_merged_fp32_reproduces_base_plus_adapter(model_config, run_dir, referen
         ours = merged.generate(input_ids=input_ids, **kwargs)
     assert ours.tolist() == theirs.tolist()
     card = (out / "README.md").read_text()
-    assert "AutoModelForCausalLM.from_pretrained" in card and str(out / "merged") in card
+    assert "AutoModelForCausalLM.from_pretrained" in card and "subfolder='merged'" in card
 
 
 @pytest.mark.parametrize("merge_dtype, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
