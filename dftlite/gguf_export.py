@@ -60,10 +60,13 @@ def _permute_rope(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 def _vocab(tokenizer_dir: Path):
     import gguf
 
-    for vocab_class in (gguf.BpeVocab, gguf.LlamaHfVocab):
+    # As llama.cpp's converter tries them: SentencePiece's own model file (needs the sentencepiece
+    # package), GPT-2-style byte-level BPE, then SentencePiece-style BPE from tokenizer.json.
+    classes = (gguf.SentencePieceVocab,) if (tokenizer_dir / "tokenizer.model").is_file() else ()
+    for vocab_class in (*classes, gguf.BpeVocab, gguf.LlamaHfVocab):
         try:
             return vocab_class(tokenizer_dir)
-        except (FileNotFoundError, TypeError):
+        except (FileNotFoundError, TypeError, RuntimeError):  # RuntimeError: sentencepiece not installed
             continue
     raise ConfigError("--gguf: the tokenizer is neither GPT-2-style byte-level BPE nor SentencePiece-style BPE "
                       "(tokenizer.json); export with --merge and convert merged/ with llama.cpp's convert_hf_to_gguf.py")

@@ -88,3 +88,37 @@ def test_unsupported_architecture_is_refused():
 
     with pytest.raises(ConfigError, match="model_type 'gpt2'.*convert_hf_to_gguf"):
         check_supported(GPT2Config())
+
+
+def test_mistral_with_sentencepiece_style_tokenizer(tmp_path):
+    """Mistral-7B's layout: model_type mistral, untied output, a SentencePiece-style BPE (byte fallback, ▁)."""
+    from conftest import SAMPLE_TEXT
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+
+    from dftlite.gguf_export import write_gguf
+
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    spm = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    spm.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    spm.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    spm.train_from_iterator(SAMPLE_TEXT * 20, trainer=trainers.BpeTrainer(vocab_size=400, special_tokens=specials))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).eval()
+    # not "mistral…": transformers then reads the file as model_type mistral, which its loader lacks with gguf 0.19
+    write_gguf(model, tokenizer, tmp_path, "tiny-m", "f16", "mistralai/Mistral-7B-v0.1")
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny-m-f16.gguf").eval()
+    ids = tokenizer("Natalia sold clips in April", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ours, theirs = loaded(ids).logits, model(ids).logits
+    assert (ours - theirs).abs().max().item() < 0.02 * theirs.abs().max().item()
+    read_back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tiny-m-f16.gguf")
+    assert read_back("Natalia sold clips in April")["input_ids"] == [tokenizer.bos_token_id] + ids[0].tolist()
+    assert '[INST] {{ .Content }} [/INST]' in (tmp_path / "Modelfile").read_text()
