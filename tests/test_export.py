@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from conftest import TINY_HUB_ID
 from test_evaluate import make_adapter
 
 from dftlite.config import to_dict
@@ -51,7 +52,7 @@ def reference(model_config, run_dir):
     return model, tokenizer, input_ids
 
 
-TINY_ID = "dftlite-test/tiny-llama"  # the tiny base's stand-in Hub id (a local directory has none)
+TINY_ID = TINY_HUB_ID  # the tiny base sits in a Hub cache layout under this id (conftest)
 
 
 def run_export(model_config, run_dir, export_dir, **kwargs):
@@ -234,36 +235,20 @@ def test_export_refuses_to_write_the_token(model_config, run_dir, tmp_path, monk
 # ---- Hub-ready: the export loads with plain peft/transformers, its card passes the Hub's parser,
 # and it names no path of this machine.
 
-REVISION = "0123456789abcdef0123456789abcdef01234567"
-
-
 @pytest.fixture(scope="module")
-def hub_cache(tiny_model_dir, tmp_path_factory):
-    """A Hub cache holding the tiny base as `dftlite-test/tiny-llama`, laid out as huggingface_hub writes it."""
-    import shutil
-
-    cache = tmp_path_factory.mktemp("hub")
-    repo = cache / "models--dftlite-test--tiny-llama"
-    shutil.copytree(tiny_model_dir, repo / "snapshots" / REVISION)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(REVISION)
-    return cache
+def hub_cache(tiny_model_dir):
+    """The Hub cache that holds the tiny base as dftlite-test/tiny-llama (conftest lays it out so)."""
+    return tiny_model_dir.parent.parent.parent
 
 
-def test_adapter_loads_with_autopeft_offline_without_dftlite(hub_cache, run_dir, reference, tmp_path):
+def test_adapter_loads_with_autopeft_offline_without_dftlite(model_config, hub_cache, run_dir, reference, tmp_path):
     """The base id comes from the Hub cache layout of the base directory (no --base_model_id), and a fresh
     Python that never imports dftlite loads the export with AutoPeftModelForCausalLM, offline."""
     import os
     import subprocess
     import sys
 
-    snapshot = hub_cache / "models--dftlite-test--tiny-llama" / "snapshots" / REVISION
-    config = ModelConfig(model_name_or_path=str(snapshot), precision="fp32", lora_r=4)
-    run = tmp_path / "run"  # the same adapter, trained (as far as the export can tell) on the snapshot
-    run.mkdir()
-    (run / "adapter").symlink_to(run_dir / "adapter", target_is_directory=True)
-    (run / "dftlite_config.yaml").write_text(yaml.safe_dump({**to_dict(config), "method": "dft2"}))
-    out = run_export(config, run, tmp_path / "out", base_model_id=None)
+    out = run_export(model_config, run_dir, tmp_path / "out", base_model_id=None)
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == TINY_ID
 
     _, _, input_ids = reference
@@ -330,11 +315,20 @@ def test_license_comes_from_the_base_card(tiny_model_dir, tmp_path):
 
 
 def test_local_base_without_hub_id_asks_for_base_model_id(model_config, run_dir, tmp_path):
+    import shutil
+
     from dftlite.config import ConfigError
 
+    plain = shutil.copytree(model_config.model_name_or_path, tmp_path / "my-model")  # not a Hub cache snapshot
+    config = ModelConfig(model_name_or_path=str(plain), precision="fp32", lora_r=4)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter").symlink_to(run_dir / "adapter", target_is_directory=True)
     with pytest.raises(ConfigError, match="--base_model_id org/name"):
-        run_export(model_config, run_dir, tmp_path / "out", base_model_id=None)
+        run_export(config, run, tmp_path / "out", base_model_id=None)
     assert not (tmp_path / "out").exists()
+    assert json.loads(run_export(config, run, tmp_path / "out2").joinpath("adapter_config.json").read_text())[
+        "base_model_name_or_path"] == TINY_ID
 
 
 def test_export_names_no_path_of_this_machine(model_config, run_dir, tmp_path):

@@ -40,7 +40,7 @@ def test_export_to_a_full_disk_leaves_nothing(workspace, reference_run, tmp_path
     with full_disk(disk, tmp_path, monkeypatch, fail) as root:
         export_dir = root / "export"
         config = ExportConfig(adapter_path=str(reference_run / "adapter"), export_dir=str(export_dir), merge=True,
-                              merge_dtype="fp32", base_model_id="dftlite-test/tiny-llama")  # merged weights: over 64k
+                              merge_dtype="fp32")  # the merged weights do not fit in 64k
         with pytest.raises(OSError) as error:
             export(model_config(workspace["model_dir"]), config)
         assert error.value.errno == errno.ENOSPC and str(export_dir) in str(error.value)
@@ -90,8 +90,7 @@ def test_unwritable_output_is_a_clear_error(workspace, reference_run, tmp_path, 
             "eval": lambda t: (t / "eval.json", {**model, "data_path": workspace["train"], "max_new_tokens": 4,
                                                  "adapter_path": reference_run / "adapter",
                                                  "json_path": t / "eval.json"}),
-            "export": lambda t: (t, {**model, "adapter_path": reference_run / "adapter", "export_dir": t,
-                                "base_model_id": "dftlite-test/tiny-llama"}),
+            "export": lambda t: (t, {**model, "adapter_path": reference_run / "adapter", "export_dir": t}),
         }[command](parent / "out")
         assert main([command, *flags(args)]) == 1
         err = capsys.readouterr().err

@@ -60,7 +60,7 @@ def pipeline(workspace, tmp_path_factory) -> Path:
         ["eval", *flags({**model, **data, "adapter_path": out / "run" / "adapter", "pool_dir": out / "pool",
                          "json_path": out / "run" / "eval.json", "max_new_tokens": 4})],
         ["export", *flags({**model, "adapter_path": out / "run" / "adapter", "export_dir": out / "export",
-                           "merge": True, "merge_dtype": "fp32", "base_model_id": "dftlite-test/tiny-llama"})],
+                           "merge": True, "merge_dtype": "fp32"})],
     ]
     logs = root / "logs"
     logs.mkdir()
