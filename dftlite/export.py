@@ -151,7 +151,9 @@ def export(model_config: ModelConfig, export_config: ExportConfig) -> Path:
             shutil.copyfile(curves, tmp / CURVES)
         gguf_files = []
         if export_config.merge or export_config.gguf:
-            merged = merge_adapter(model_config, adapter_dir, export_config.merge_dtype if export_config.merge else "fp32")
+            # GGUF: merge in fp32, so that f16/q8_0 round the exact merge once (not a bf16 copy of it again)
+            merge_dtype = "fp32" if export_config.gguf else export_config.merge_dtype
+            merged = merge_adapter(model_config, adapter_dir, merge_dtype)
             tokenizer = _load_export_tokenizer(adapter_dir, model_config)
             if export_config.gguf:
                 from dftlite.gguf_export import write_gguf
@@ -159,7 +161,7 @@ def export(model_config: ModelConfig, export_config: ExportConfig) -> Path:
                 written = write_gguf(merged, tokenizer, tmp / GGUF_SUBDIR, export_dir.name, export_config.gguf, base_id)
                 gguf_files = [str(path.relative_to(tmp)) for path in written]
             if export_config.merge:
-                _write_merged(merged, tokenizer, tmp / MERGED_SUBDIR)
+                _write_merged(merged.to(DTYPES[export_config.merge_dtype]), tokenizer, tmp / MERGED_SUBDIR)
         card = dict(base_name=base_name, base_id=base_id, license_=base_license(base_name, base_id),
                     adapter_config=json.loads((tmp / "adapter_config.json").read_text()),
                     training_config=scrub_paths(training_config), metrics=metrics,
@@ -185,6 +187,8 @@ def export(model_config: ModelConfig, export_config: ExportConfig) -> Path:
     console = Console()
     merged = f" (merged, {export_config.merge_dtype}, in {export_dir / MERGED_SUBDIR})" if export_config.merge else ""
     console.print(f"exported {adapter_dir} to {export_dir}{merged}")
+    if export_config.gguf:
+        console.print(f"GGUF ({export_config.gguf}) and Ollama Modelfile in {export_dir / GGUF_SUBDIR}")
     if export_config.push_to_hub is not None:
         url = push(export_dir, export_config.push_to_hub, export_config.private, token)
         console.print(f"uploaded to {url}")

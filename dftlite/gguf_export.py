@@ -147,7 +147,9 @@ def write_gguf(model, tokenizer, target_dir: Path, name: str, gguf_type: str, ba
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     state = model.state_dict()
     tied = getattr(config, "tie_word_embeddings", False)
-    for hf_name, tensor in state.items():
+    from rich.progress import track
+
+    for hf_name, tensor in track(state.items(), description=f"GGUF {gguf_type}", total=len(state), transient=True):
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reuses token_embd for the output when output.weight is absent
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))

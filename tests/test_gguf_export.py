@@ -19,7 +19,7 @@ def model_config(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def exported(model_config, tmp_path_factory):
-    """One export with merged fp32 weights, for each GGUF type."""
+    """One export with merged fp32 weights, for each GGUF type; "run": the training run they come from."""
     import gguf  # noqa: F401  (the writer's package; a dev dependency)
 
     run = tmp_path_factory.mktemp("run")
@@ -29,8 +29,9 @@ def exported(model_config, tmp_path_factory):
         if "lora_B" in name:  # a trained-size update: lora_B starts at 0, training moves it by about this much
             torch.nn.init.normal_(param, std=0.05)
     model.save_pretrained(run / "adapter")
-    return {kind: run_export(model_config, run, tmp_path_factory.mktemp(kind) / "tiny-dft2", merge=True,
-                             merge_dtype="fp32", gguf=kind) for kind in ("f16", "q8_0")}
+    exports = {kind: run_export(model_config, run, tmp_path_factory.mktemp(kind) / "tiny-dft2", merge=True,
+                                merge_dtype="fp32", gguf=kind) for kind in ("f16", "q8_0")}
+    return {**exports, "run": run}
 
 
 def _load_pair(out, kind):
@@ -122,3 +123,16 @@ def test_mistral_with_sentencepiece_style_tokenizer(tmp_path):
     read_back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tiny-m-f16.gguf")
     assert read_back("Natalia sold clips in April")["input_ids"] == [tokenizer.bos_token_id] + ids[0].tolist()
     assert '[INST] {{ .Content }} [/INST]' in (tmp_path / "Modelfile").read_text()
+
+
+def test_gguf_with_a_bf16_merge_rounds_the_fp32_merge_once(model_config, exported, tmp_path):
+    """--gguf merges in fp32 (the GGUF rounds the exact merge); merged/ is still written in merge_dtype."""
+    from gguf import GGUFReader
+    from safetensors import safe_open
+
+    out = run_export(model_config, exported["run"], tmp_path / "tiny-dft2", merge=True, merge_dtype="bf16", gguf="f16")
+    with safe_open(str(out / "merged" / "model.safetensors"), "pt") as handle:
+        assert {handle.get_tensor(name).dtype for name in handle.keys()} == {torch.bfloat16}
+    ours = {t.name: t.data.copy() for t in GGUFReader(str(out / "gguf" / "tiny-dft2-f16.gguf")).tensors}
+    reference = {t.name: t.data for t in GGUFReader(str(exported["f16"] / "gguf" / "tiny-dft2-f16.gguf")).tensors}
+    assert ours.keys() == reference.keys() and all((ours[n] == reference[n]).all() for n in ours)
