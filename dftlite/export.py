@@ -149,7 +149,7 @@ def export(model_config: ModelConfig, export_config: ExportConfig) -> Path:
         curves = _find(adapter_dir, [CURVES])
         if curves is not None:
             shutil.copyfile(curves, tmp / CURVES)
-        gguf_files = []
+        gguf_files, license_ = [], base_license(base_name, base_id)
         if export_config.merge or export_config.gguf:
             # GGUF: merge in fp32, so that f16/q8_0 round the exact merge once (not a bf16 copy of it again)
             merge_dtype = "fp32" if export_config.gguf else export_config.merge_dtype
@@ -158,11 +158,12 @@ def export(model_config: ModelConfig, export_config: ExportConfig) -> Path:
             if export_config.gguf:
                 from dftlite.gguf_export import write_gguf
 
-                written = write_gguf(merged, tokenizer, tmp / GGUF_SUBDIR, export_dir.name, export_config.gguf, base_id)
+                written = write_gguf(merged, tokenizer, tmp / GGUF_SUBDIR, export_dir.name, export_config.gguf,
+                                     base_id, license_)
                 gguf_files = [str(path.relative_to(tmp)) for path in written]
             if export_config.merge:
                 _write_merged(merged.to(DTYPES[export_config.merge_dtype]), tokenizer, tmp / MERGED_SUBDIR)
-        card = dict(base_name=base_name, base_id=base_id, license_=base_license(base_name, base_id),
+        card = dict(base_name=base_name, base_id=base_id, license_=license_,
                     adapter_config=json.loads((tmp / "adapter_config.json").read_text()),
                     training_config=scrub_paths(training_config), metrics=metrics,
                     merge_dtype=export_config.merge_dtype if export_config.merge else None)

@@ -102,16 +102,22 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int, pre: str) -> None:
         writer.add_token_scores(scores)
         writer.add_token_types(types)
         special = gguf.SpecialVocab(Path(tmp), load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens))
+        if "bos" not in special.add_special_token:
+            # Absent, llama.cpp prepends BOS to GPT-2-style vocabularies; the chat templates carry their own
+            # specials, so say what the HF tokenizer does (SmolLM2: no BOS), as llama.cpp's converter does.
+            probe = tokenizer("a")["input_ids"]
+            special.add_special_token["bos"] = bool(probe) and probe[0] == tokenizer.bos_token_id
         special.add_to_gguf(writer, quiet=True)
         if tokenizer.pad_token_id is not None and special.special_token_ids.get("pad") is None:
             writer.add_pad_token_id(tokenizer.pad_token_id)
 
 
-def write_gguf(model, tokenizer, target_dir: Path, name: str, gguf_type: str, base_id: str = "") -> list[Path]:
+def write_gguf(model, tokenizer, target_dir: Path, name: str, gguf_type: str, base_id: str = "",
+               license_: str | None = None) -> list[Path]:
     """Write `<name>-<gguf_type>.gguf` (the model's weights; f16 or q8_0) and an Ollama `Modelfile`.
 
-    `model` is a plain (merged) transformers Llama-family model; `base_id` picks llama.cpp's
-    pre-tokenizer for known bases. Returns the written paths.
+    `model` is a plain (merged) transformers Llama-family model; `base_id` (the base's Hub id) is
+    recorded as general.base_model and picks llama.cpp's pre-tokenizer for known bases. Returns the written paths.
     """
     import gguf
 
@@ -123,7 +129,16 @@ def write_gguf(model, tokenizer, target_dir: Path, name: str, gguf_type: str, ba
     path = target_dir / f"{name}-{gguf_type}{GGUF_SUFFIX}"
 
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_type("model")
     writer.add_name(name)
+    if base_id:
+        writer.add_base_model_count(1)
+        writer.add_base_model_organization(0, base_id.split("/")[0])
+        writer.add_base_model_name(0, base_id.split("/")[-1])
+        writer.add_base_model_repo_url(0, f"https://huggingface.co/{base_id}")
+    if license_:
+        writer.add_license(license_)
+    writer.add_tags(["dft", "discriminative-fine-tuning", "dftlite"])
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
