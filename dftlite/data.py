@@ -10,6 +10,11 @@ Supported files: JSONL, JSON (a list of objects), Parquet, and Hugging Face `dat
 - alpaca:  {"instruction": ..., "input": optional, "output": ...}
 - gsm8k:   {"question": ..., "answer": ...}; `<<48/2=24>>` calculator annotations are stripped
            unless `keep_calculator_annotations=True`.
+- metamathqa: {"query": ..., "response": ...} (meta-math/MetaMathQA, the paper's math data);
+           its other fields (type, original_question) are ignored.
+- ultrafeedback: {"prompt": str, "chosen": [user message, ..., assistant message]}
+           (HuggingFaceH4/ultrafeedback_binarized, the paper's chat data). DFT uses the chosen answer
+           only: `rejected` and the scores are ignored, as DFT needs no preference pairs.
 
 Every record becomes an `Example` with a stable `id`: the record's own "id" field when it has
 one, else a digest of its prompt and answer (so the id survives reordering of the file).
@@ -29,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-FORMATS = ("auto", "chat", "prompt_completion", "alpaca", "gsm8k")
+FORMATS = ("auto", "chat", "prompt_completion", "alpaca", "gsm8k", "metamathqa", "ultrafeedback")
 TEMPLATES = ("chat", "alpaca", "plain")
 MAX_LINE_BYTES = 16 * 1024 * 1024  # one JSONL record over 16 MiB is almost surely a broken file
 CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
@@ -48,7 +53,7 @@ class DataConfig:
         default="",
         metadata={"help": "Training data: .jsonl/.json/.parquet file, a saved `datasets` directory, or a Hub dataset name."},
     )
-    data_format: Literal["auto", "chat", "prompt_completion", "alpaca", "gsm8k"] = field(
+    data_format: Literal["auto", "chat", "prompt_completion", "alpaca", "gsm8k", "metamathqa", "ultrafeedback"] = field(
         default="auto", metadata={"help": "Record format; auto detects it from the keys of each record."}
     )
     data_split: str = field(default="train", metadata={"help": "Split to read from a Hub dataset or DatasetDict."})
@@ -225,6 +230,11 @@ def detect_format(record: dict) -> str:
         return "alpaca"
     if {"question", "answer"} <= keys:
         return "gsm8k"
+    if {"query", "response"} <= keys:
+        return "metamathqa"
+    # UltraFeedback binarized also holds `messages` (= chosen), so "chat" above reads it the same way.
+    if {"prompt", "chosen"} <= keys:
+        return "ultrafeedback"
     return ""
 
 
@@ -293,10 +303,15 @@ def normalize_record(record: Any, where: str, data_format: str = "auto", keep_ca
         answer = _text(record, "answer", where, allow_empty=True)
         if not keep_calculator_annotations:
             answer = CALCULATOR_ANNOTATION.sub("", answer)
+    elif fmt == "metamathqa":
+        prompt = [{"role": "user", "content": _text(record, "query", where)}]
+        answer = _text(record, "response", where, allow_empty=True)
+    elif fmt == "ultrafeedback":
+        prompt, answer = _chosen_pair(record, where)
     else:
         raise DataError(
             f"{where}: unknown record format with keys {sorted(record)}; expected one of "
-            "messages | prompt+completion | instruction+output | question+answer"
+            "messages | prompt+completion | instruction+output | question+answer | query+response | prompt+chosen"
         )
     if not answer.strip():
         raise DataError(f"{where}: empty answer")
@@ -308,6 +323,18 @@ def normalize_record(record: Any, where: str, data_format: str = "auto", keep_ca
         payload = json.dumps([prompt, answer], ensure_ascii=False, sort_keys=True)
         example_id = hashlib.sha1(payload.encode("utf-8")).hexdigest()[:16]
     return Example(id=example_id, prompt=prompt, answer=answer)
+
+
+def _chosen_pair(record: dict, where: str) -> tuple[list[dict[str, str]], str]:
+    """UltraFeedback binarized: the chosen conversation's turns before its last (the assistant's) are
+    the prompt, the last is the answer. A chosen list holding only the answer takes `prompt` as the user turn."""
+    chosen = _messages(record.get("chosen"), where, "chosen")
+    if chosen[-1]["role"] != "assistant":
+        raise DataError(f"{where}: field 'chosen': the last turn must be the assistant's, got {chosen[-1]['role']!r}")
+    prompt = chosen[:-1]
+    if not any(m["role"] == "user" for m in prompt):
+        prompt = prompt + [{"role": "user", "content": _text(record, "prompt", where)}]
+    return prompt, chosen[-1]["content"]
 
 
 def load_examples(

@@ -2,18 +2,26 @@
 
     dftlite export --adapter_path runs/demo/run/adapter --export_dir out/demo
     dftlite export --adapter_path runs/demo/run/adapter --export_dir out/demo --merge --merge_dtype bf16
+    dftlite export --adapter_path runs/demo/run/adapter --export_dir out/demo --gguf q8_0     # + llama.cpp / Ollama
     HF_TOKEN=hf_... dftlite export --adapter_path runs/demo/run/adapter --export_dir out/demo --push_to_hub me/demo-dft2
 
 Layout of export_dir (weights are safetensors only, everywhere):
-    adapter_config.json, adapter_model.safetensors   the LoRA adapter; PeftModel.from_pretrained(base, export_dir)
+    adapter_config.json, adapter_model.safetensors   the LoRA adapter; base_model_name_or_path is the base's
+                          Hub id, so AutoPeftModelForCausalLM.from_pretrained(export_dir or repo) loads it
     tokenizer files
     dftlite_config.yaml   the training run's resolved config, when found next to the adapter or one level up
     export_config.yaml    this export's resolved config
     eval.json, ...        metrics files found next to the adapter or in the run directory
-    README.md             model card: method, hyperparameters, data, metrics, how to load
-    merged/               with merge=True: a plain transformers model (adapter folded into the weights).
-                          It is a subfolder because transformers loads a folder holding adapter_config.json
-                          as an adapter, not as the merged weights.
+    training_curves.png   the run's curves, when found; shown in the card
+    README.md             model card (model_card.py): Hub metadata, method, data, hyperparameters, metrics, usage
+    merged/               with merge=True: a plain transformers model (adapter folded into the weights), with
+                          its own card. A subfolder because transformers loads a folder holding
+                          adapter_config.json as an adapter, not as the merged weights.
+    gguf/                 with gguf=f16|q8_0: <name>-<type>.gguf (the merged model) and an Ollama Modelfile
+
+Nothing in an export names a path of this machine: the base is recorded by Hub id (see
+model_card.resolve_base_id; --base_model_id for a local directory), copied configs and metrics have
+absolute paths replaced by `<local path>/<name>`, and the export is checked for such paths before it is kept.
 
 The adapter is copied byte for byte (a legacy adapter_model.bin is converted to safetensors). Merging
 never touches quantized weights: when the model config says 4bit/8bit (QLoRA training), the base is
@@ -42,39 +50,21 @@ import torch
 import yaml
 
 from dftlite.config import ConfigError, save_resolved_config
+from dftlite.model_card import base_license, model_card, resolve_base_id, scrub_paths
 from dftlite.models import ModelConfig, load_base_model, load_tokenizer, resolve_model_path, resolve_model_source
 from dftlite.outputs import disk_full_guard, output_lock, staged_directory
 
 logger = logging.getLogger(__name__)
 
-PAPER = "https://arxiv.org/abs/2502.18679"
 TRAINING_CONFIG = "dftlite_config.yaml"
 EXPORT_CONFIG = "export_config.yaml"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 METRIC_FILES = ("eval.json", "metrics.json", "all_results.json", "train_results.json", "eval_results.json")
 MERGED_SUBDIR = "merged"
+GGUF_SUBDIR = "gguf"
+GGUF_TYPES = ("f16", "q8_0")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# TrainingArguments fields worth showing on a model card; the others (logging, saving, hub, ...) are not.
-CARD_TRAINING_ARGS = (
-    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "lr_scheduler_type", "warmup_ratio", "warmup_steps", "weight_decay", "optim", "seed", "bf16", "fp16",
-)
-CARD_DATA_KEYS = ("data_path", "data_format", "data_split", "template", "max_length", "max_examples", "pool_dir",
-                  "eval_data_path", "eval_pool_dir")
-CARD_SKIP_KEYS = ("model_name_or_path", "cache_dir", "output_dir", "logging_dir", "trust_remote_code")
-# Settings that only some methods use (dft_config.py's help texts); the card leaves out the others.
-METHOD_ONLY_KEYS = {
-    "tau": ("dft", "dft2"), "gamma": ("dft", "dft2"), "u_init": ("dft", "dft2"), "reference": ("dft",),
-    "beta": ("simpo", "simpo_sft", "dpo"), "simpo_gamma_beta_ratio": ("simpo", "simpo_sft"), "sft_weight": ("dft", "dft2", "simpo_sft"),
-}
-METHOD_NOTES = {
-    "dft2": "DFT2, the paper's practical variant: a sequence's score is its mean token log-probability.",
-    "dft": "DFT: a sequence's score is its summed log-probability; negatives are importance-weighted by 1/P_g0.",
-    "sft": "a baseline, not DFT: supervised fine-tuning on the gold answers.",
-    "simpo": "a baseline, not DFT: SimPO with the gold answer as chosen and pool negatives as rejected.",
-    "simpo_sft": "a baseline, not DFT: SimPO plus an SFT term.",
-    "dpo": "a baseline, not DFT: DPO with pool negatives as rejected (as in SPIN).",
-}
+CURVES = "training_curves.png"
 
 
 @dataclass
@@ -94,6 +84,17 @@ class ExportConfig:
         default=None, metadata={"help": "Hub repo id (user/name) to upload export_dir to; token from $HF_TOKEN."}
     )
     private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    base_model_id: str | None = field(
+        default=None,
+        metadata={"help": "Hub id (org/name) of the base model, recorded in adapter_config.json and the card. "
+                  "Needed only for a local base directory or GGUF file that is not the embedded model "
+                  "or a Hub cache snapshot: an export never records a path of this machine."},
+    )
+    gguf: str | None = field(
+        default=None,
+        metadata={"help": "Also write the merged model as GGUF for llama.cpp/Ollama: f16 or q8_0 "
+                  "(gguf/<name>-<type>.gguf plus an Ollama Modelfile). Llama-family models only."},
+    )
 
     def __post_init__(self):
         if not self.adapter_path:
@@ -105,6 +106,10 @@ class ExportConfig:
         self.push_to_hub = self.push_to_hub or None
         if self.push_to_hub is not None and not re.fullmatch(r"([\w.-]+/)?[\w.-]+", self.push_to_hub):
             raise ValueError(f"push_to_hub must be a Hub repo id like 'user/name', got {self.push_to_hub!r}")
+        self.base_model_id = self.base_model_id or None
+        self.gguf = self.gguf or None
+        if self.gguf is not None and self.gguf not in GGUF_TYPES:
+            raise ValueError(f"gguf must be one of {GGUF_TYPES}, got {self.gguf!r}")
 
 
 def export(model_config: ModelConfig, export_config: ExportConfig) -> Path:
@@ -124,28 +129,58 @@ def export(model_config: ModelConfig, export_config: ExportConfig) -> Path:
             training_config["model_name_or_path"], training_config_path, model_config.model_name_or_path,
         )
 
+    base_name = (training_config or {}).get("model_name_or_path") or model_config.model_name_or_path
+    base_id = resolve_base_id(base_name, export_config.base_model_id)  # before any work: it may ask for --base_model_id
+
     with output_lock(export_dir, "export_dir"):  # one export into export_dir at a time, through the upload
         _check_inputs(adapter_dir, export_dir, export_config)  # again, now that no other export can write it
         with disk_full_guard(export_dir, "the export"), staged_directory(export_dir) as tmp:  # whole, or nothing
-            _copy_adapter(adapter_dir, tmp)
+            _copy_adapter(adapter_dir, tmp, base_id)
             _load_export_tokenizer(adapter_dir, model_config).save_pretrained(tmp)
-            if training_config_path is not None:
-                shutil.copyfile(training_config_path, tmp / TRAINING_CONFIG)
+            if training_config_path is not None:  # local paths become <local path>/<name>
+                (tmp / TRAINING_CONFIG).write_text(yaml.safe_dump(scrub_paths(training_config), sort_keys=True))
             save_resolved_config(tmp, model_config, export_config, name=EXPORT_CONFIG)
+            exported = yaml.safe_load((tmp / EXPORT_CONFIG).read_text())
+            (tmp / EXPORT_CONFIG).write_text(yaml.safe_dump(scrub_paths(exported), sort_keys=True))
             metrics = {}
             for name in METRIC_FILES:
                 path = _find(adapter_dir, [name])
                 if path is not None:
-                    shutil.copyfile(path, tmp / name)
-                    metrics[name] = json.loads(path.read_text())
+                    metrics[name] = scrub_paths(json.loads(path.read_text()))
+                    (tmp / name).write_text(json.dumps(metrics[name], indent=2) + "\n")
+            curves = _find(adapter_dir, [CURVES])
+            if curves is not None:
+                shutil.copyfile(curves, tmp / CURVES)
+            gguf_files, license_ = [], base_license(base_name, base_id)
+            if export_config.merge or export_config.gguf:
+                # GGUF: merge in fp32, so that f16/q8_0 round the exact merge once (not a bf16 copy of it again)
+                merge_dtype = "fp32" if export_config.gguf else export_config.merge_dtype
+                merged = merge_adapter(model_config, adapter_dir, merge_dtype)
+                tokenizer = _load_export_tokenizer(adapter_dir, model_config)
+                if export_config.gguf:
+                    from dftlite.gguf_export import write_gguf
+
+                    written = write_gguf(merged, tokenizer, tmp / GGUF_SUBDIR, export_dir.name, export_config.gguf,
+                                         base_id, license_)
+                    gguf_files = [str(path.relative_to(tmp)) for path in written]
+                if export_config.merge:
+                    _write_merged(merged.to(DTYPES[export_config.merge_dtype]), tokenizer, tmp / MERGED_SUBDIR)
+            card = dict(base_name=base_name, base_id=base_id, license_=license_,
+                        adapter_config=json.loads((tmp / "adapter_config.json").read_text()),
+                        training_config=scrub_paths(training_config), metrics=metrics,
+                        merge_dtype=export_config.merge_dtype if export_config.merge else None)
+            repo = export_config.push_to_hub or f"<user>/{export_dir.name}"
+            (tmp / "README.md").write_text(model_card(relation="adapter", repo=repo, curves=CURVES if curves else None,
+                                                      gguf_files=gguf_files, **card))
             if export_config.merge:
-                _write_merged(model_config, adapter_dir, tmp / MERGED_SUBDIR, export_config.merge_dtype)
-            adapter_config = json.loads((tmp / "adapter_config.json").read_text())
-            (tmp / "README.md").write_text(model_card(model_config, export_config, adapter_config, training_config, metrics))
-            _check_written(tmp, token)
+                (tmp / MERGED_SUBDIR / "README.md").write_text(model_card(
+                    relation="finetune", repo=repo, **card))
+            _check_written(tmp, token, _machine_paths(adapter_dir, export_dir, base_name, model_config))
         console = Console()
         merged = f" (merged, {export_config.merge_dtype}, in {export_dir / MERGED_SUBDIR})" if export_config.merge else ""
         console.print(f"exported {adapter_dir} to {export_dir}{merged}")
+        if export_config.gguf:
+            console.print(f"GGUF ({export_config.gguf}) and Ollama Modelfile in {export_dir / GGUF_SUBDIR}")
         if export_config.push_to_hub is not None:  # one Hub commit: the repo gets the whole export or none of it
             url = push(export_dir, export_config.push_to_hub, export_config.private, token)
             console.print(f"uploaded to {url}")
@@ -177,9 +212,14 @@ def _find(adapter_dir: Path, names: list[str]) -> Path | None:
     return None
 
 
-def _copy_adapter(adapter_dir: Path, target: Path):
-    """adapter_config.json + adapter_model.safetensors, byte for byte (a legacy .bin is converted)."""
-    shutil.copyfile(adapter_dir / "adapter_config.json", target / "adapter_config.json")
+def _copy_adapter(adapter_dir: Path, target: Path, base_id: str):
+    """adapter_config.json with the base's Hub id + adapter_model.safetensors byte for byte (a legacy .bin is converted).
+
+    PEFT records the path the base was loaded from (for a GGUF base, dftlite's dequantised cache);
+    `AutoPeftModelForCausalLM` and the Hub read this field, so it must be the Hub id."""
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = base_id
+    (target / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
     if (adapter_dir / "adapter_model.safetensors").is_file():
         shutil.copyfile(adapter_dir / "adapter_model.safetensors", target / "adapter_model.safetensors")
         return
@@ -216,10 +256,9 @@ def merge_adapter(model_config: ModelConfig, adapter_dir: str | Path, merge_dtyp
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
-def _write_merged(model_config: ModelConfig, adapter_dir: Path, target: Path, merge_dtype: str):
-    merged = merge_adapter(model_config, adapter_dir, merge_dtype)
+def _write_merged(merged, tokenizer, target: Path):
     merged.save_pretrained(target)  # transformers >= 5 writes safetensors only
-    _load_export_tokenizer(adapter_dir, model_config).save_pretrained(target)
+    tokenizer.save_pretrained(target)
     config = json.loads((target / "config.json").read_text())
     if "quantization_config" in config:  # would make transformers load it as a quantized model
         raise RuntimeError(f"merged config.json carries a quantization_config: {config['quantization_config']}")
@@ -228,19 +267,41 @@ def _write_merged(model_config: ModelConfig, adapter_dir: Path, target: Path, me
         raise RuntimeError(f"merged model written with non-safetensors weights: {weights}")
 
 
-def _check_written(directory: Path, token: str | None):
-    """Refuse to keep or upload an export that contains the Hub token or pickled weights."""
+def _machine_paths(adapter_dir: Path, export_dir: Path, base_name: str, model_config: ModelConfig) -> list[str]:
+    """Absolute paths of this machine that an export must not contain (the card and configs name no paths)."""
+    from dftlite.models import default_cache_dir
+
+    paths = {adapter_dir.resolve(), export_dir.resolve().parent, Path.home(), Path.cwd(), default_cache_dir().resolve(),
+             Path(tempfile.gettempdir()).resolve()}
+    if model_config.cache_dir:
+        paths.add(Path(model_config.cache_dir).resolve())
+    if Path(base_name).exists():
+        paths.add(Path(base_name).resolve())
+    return sorted({str(p) for p in paths if len(p.parts) > 1})  # "/" itself is in every path
+
+
+def _check_written(directory: Path, token: str | None, machine_paths: list[str] = ()):
+    """Refuse to keep or upload an export that contains the Hub token, pickled weights or a path of this machine."""
     for path in directory.rglob("*"):
         if not path.is_file():
             continue
         if path.suffix in (".bin", ".pt", ".pth", ".pkl"):
             raise RuntimeError(f"refusing to export {path.name}: weights are written as safetensors only")
-        if token and token.encode() in _text_part(path):
+        text = _text_part(path)
+        if token and token.encode() in text:
             raise RuntimeError(f"refusing to export: {path.relative_to(directory)} contains the value of HF_TOKEN")
+        leaked = next((p for p in machine_paths if p.encode() in text), None)
+        if leaked is not None:
+            raise RuntimeError(f"refusing to export: {path.relative_to(directory)} contains the local path {leaked}; "
+                               "an export must load on other machines (please report this as a dftlite bug)")
 
 
 def _text_part(path: Path) -> bytes:
-    """What of a file could hold a string: a safetensors file's JSON header, else the whole file."""
+    """What of a file could hold a string: a safetensors file's JSON header, a GGUF file's metadata, else the file."""
+    if path.suffix == ".gguf":
+        from dftlite.gguf_export import gguf_metadata_bytes
+
+        return gguf_metadata_bytes(path)
     if path.suffix != ".safetensors":
         return path.read_bytes()
     with open(path, "rb") as handle:
@@ -256,126 +317,3 @@ def push(export_dir: Path, repo_id: str, private: bool, token: str) -> str:
     url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
     api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(export_dir), commit_message="dftlite export")
     return str(url)
-
-
-# ---------------------------------------------------------------------------------------------
-# The model card.
-
-
-def _base_kind(name: str) -> str:
-    """'gguf' (a GGUF file or the embedded alias), 'hub' (a Hub id) or 'local' (a directory)."""
-    try:
-        gguf_file = resolve_model_source(name)[1]
-    except (FileNotFoundError, ValueError):  # a GGUF file or alias not present on this machine
-        return "gguf" if name.endswith(".gguf") else "local"
-    if gguf_file is not None:
-        return "gguf"
-    return "hub" if not Path(name).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", name) else "local"
-
-
-def _rows(mapping: dict) -> str:
-    return "\n".join(f"| `{key}` | `{value}` |" for key, value in mapping.items())
-
-
-def _hyperparameters(training_config: dict | None, adapter_config: dict) -> dict:
-    if training_config is None:  # at least the adapter's own settings
-        keys = ("r", "lora_alpha", "lora_dropout", "target_modules")
-        return {f"lora {k}": adapter_config[k] for k in keys if adapter_config.get(k) is not None}
-    from transformers import TrainingArguments
-
-    training_args = {f.name for f in dataclasses.fields(TrainingArguments)}
-    method = training_config.get("method")
-    return {
-        key: value for key, value in sorted(training_config.items())
-        if value is not None and key not in CARD_SKIP_KEYS and key not in CARD_DATA_KEYS
-        and (key not in training_args or key in CARD_TRAINING_ARGS) and not key.endswith("_token")
-        and (method is None or method in METHOD_ONLY_KEYS.get(key, (method,)))
-    }
-
-
-def _metrics_section(metrics: dict[str, dict]) -> str:
-    if not metrics:
-        return ("No evaluation metrics were found next to the adapter. "
-                "Run `dftlite eval --adapter_path <adapter> --json_path <run dir>/eval.json` and export again.")
-    parts = []
-    for name, values in metrics.items():
-        views = [v for v in ("base", "adapter") if isinstance(values.get(v), dict)]
-        if views:  # dftlite eval's format
-            keys = [k for k in ("accuracy", "win_rate", "gold_logp_per_token", "negative_logp_per_token", "mean_margin")
-                    if any(isinstance(values[v].get(k), (int, float)) for v in views)]
-            header = "| metric | " + " | ".join(views) + " |\n|---|" + "---:|" * len(views)
-            lines = [f"| {k} | " + " | ".join(_number(values[v].get(k)) for v in views) + " |" for k in keys]
-            where = f" on `{values['data_path']}` ({values.get('num_examples')} examples)" if values.get("data_path") else ""
-            intro = f"From `{name}`{where}; base = the same model with the adapter switched off."
-            parts.append(f"{intro}\n\n{header}\n" + "\n".join(lines))
-        else:
-            scalars = {k: _number(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            rows = "\n".join(f"| {k} | {v} |" for k, v in scalars.items())
-            parts.append(f"From `{name}`:\n\n| metric | value |\n|---|---:|\n{rows}")
-    return "\n\n".join(parts)
-
-
-def _number(value) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def model_card(model_config: ModelConfig, export_config: ExportConfig, adapter_config: dict,
-               training_config: dict | None, metrics: dict[str, dict]) -> str:
-    """README.md for the export: method, hyperparameters, data, metrics, how to load."""
-    base_name = (training_config or {}).get("model_name_or_path") or model_config.model_name_or_path
-    where = export_config.push_to_hub or str(export_config.export_dir)
-    method = (training_config or {}).get("method")
-    base_kind = _base_kind(base_name)
-    front = ["---", "library_name: peft", *([f"base_model: {base_name}"] if base_kind == "hub" else []),
-             "tags: [dftlite, discriminative-fine-tuning, dft, lora, peft]", "---"]
-
-    if base_kind == "gguf":
-        load_base = (f"from dftlite.models import resolve_model_path\n"
-                     f"base = AutoModelForCausalLM.from_pretrained(resolve_model_path({base_name!r}))  # GGUF, dequantized once")
-    else:
-        load_base = f"base = AutoModelForCausalLM.from_pretrained({base_name!r})"
-    adapter_snippet = (
-        "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f"{load_base}\nmodel = PeftModel.from_pretrained(base, {where!r})\n"
-        f"tokenizer = AutoTokenizer.from_pretrained({where!r})\n```"
-    )
-    if export_config.push_to_hub:
-        merged_args = f"{where!r}, subfolder={MERGED_SUBDIR!r}"
-    else:
-        merged_args = repr(str(Path(where) / MERGED_SUBDIR))
-    merged_snippet = (
-        f"\n\nThe merged model (`{MERGED_SUBDIR}/`, {export_config.merge_dtype}) needs only transformers:\n\n"
-        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f"model = AutoModelForCausalLM.from_pretrained({merged_args})\n"
-        f"tokenizer = AutoTokenizer.from_pretrained({merged_args})\n```"
-        if export_config.merge else ""
-    )
-    quantized_note = ""
-    if export_config.merge and (training_config or {}).get("precision", model_config.precision) in ("4bit", "8bit"):
-        quantized_note = ("\n\nThe adapter was trained on a quantized base (QLoRA); the merged weights fold it into the "
-                          "unquantized base, which differs from quantized base + adapter by the quantization error.")
-    data = {k: training_config[k] for k in CARD_DATA_KEYS if training_config and training_config.get(k) is not None}
-
-    sections = [
-        "\n".join(front),
-        f"# {Path(where).name}: a LoRA adapter for `{base_name}` trained with dftlite",
-        "## Method\n\n"
-        f"Discriminative Fine-Tuning (DFT; Guo et al. 2025, *Discriminative Finetuning of Generative Large Language "
-        f"Models without Reward Models and Human Preference Data*, [arXiv:2502.18679]({PAPER})). DFT raises the "
-        "likelihood of each gold answer relative to negative answers sampled from the base model, so the model "
-        "learns to tell good answers from its own typical ones, without a reward model or preference pairs. "
-        "This is *not* Dynamic Fine-Tuning (TRL's `loss_type=\"dft\"`).\n\n"
-        + (f"Objective: `{method}`: {METHOD_NOTES.get(method, 'see the training config.')}" if method
-           else "Objective: not recorded (no training config found)."),
-        "## Hyperparameters\n\n"
-        + (f"From the training run's `{TRAINING_CONFIG}` (copied here in full).\n\n" if training_config
-           else "No training config was found next to the adapter; these are the adapter's own settings.\n\n")
-        + "| setting | value |\n|---|---|\n" + _rows(_hyperparameters(training_config, adapter_config)),
-        "## Data\n\n" + ("| setting | value |\n|---|---|\n" + _rows(data) if data
-                          else "Not recorded (no training config found)."),
-        "## Metrics\n\n" + _metrics_section(metrics),
-        "## How to load\n\nThe adapter (PEFT, safetensors):\n\n" + adapter_snippet + merged_snippet + quantized_note,
-    ]
-    return "\n\n".join(sections) + "\n"

@@ -486,6 +486,8 @@ def train(model_config: ModelConfig, data_config: DataConfig, dft_config: DFTCon
         with disk_full_guard(output_dir, "the trained adapter"):
             with staged_directory(adapter_path, owner=should_save) as staging:  # the adapter appears whole, or not at all
                 trainer.save_model(str(staging))  # PEFT adapter (safetensors) + tokenizer; every process takes part
+                if should_save:  # PEFT's boilerplate card names the base by this machine's path: a broken repo if
+                    (staging / "README.md").unlink(missing_ok=True)  # pushed as is; `dftlite export` writes the card
             if should_save:
                 trainer.save_dft_state(output_dir)
                 write_text_atomic(output_dir / "log_history.jsonl",

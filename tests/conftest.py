@@ -73,10 +73,22 @@ def make_tiny_model_dir(path: Path, seed: int = 0) -> Path:
     return path
 
 
+TINY_HUB_ID = "dftlite-test/tiny-llama"
+TINY_REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A local HF directory: 2-layer Llama, hidden 64, with a real BPE tokenizer and chat template."""
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+    """A local HF directory: 2-layer Llama, hidden 64, with a real BPE tokenizer and chat template.
+
+    It sits where huggingface_hub's cache would put the repo `dftlite-test/tiny-llama`
+    (<cache>/models--dftlite-test--tiny-llama/snapshots/<revision>), so an export names its base
+    by that id, as it would a downloaded model, and HF_HUB_CACHE=<cache> resolves the id offline."""
+    cache = tmp_path_factory.mktemp("hub")
+    repo = cache / ("models--" + TINY_HUB_ID.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(TINY_REVISION)
+    return make_tiny_model_dir(repo / "snapshots" / TINY_REVISION)
 
 
 @pytest.fixture(scope="session")

@@ -149,3 +149,47 @@ def test_truncation_policy(tiny_model_dir, tmp_path):
     long = encoded["long-answer"]
     assert len(long.prompt_ids) + len(long.answer_ids) == 40 and long.answer_ids[-1] != tokenizer.eos_token_id
     assert encoded["short"].answer_ids[-1] == tokenizer.eos_token_id
+
+
+# The paper's datasets, as their Hub files hold them (one record each, fields and nesting as published).
+METAMATHQA_ROW = {"query": "What is 3 times 4?", "response": "3 times 4 is 12.\nThe answer is: 12",
+                  "type": "GSM_Rephrased", "original_question": "Compute 3*4."}
+ULTRAFEEDBACK_ROW = {
+    "prompt": "Name a prime number.", "prompt_id": "abc123",
+    "chosen": [{"role": "user", "content": "Name a prime number."}, {"role": "assistant", "content": "7 is prime."}],
+    "rejected": [{"role": "user", "content": "Name a prime number."}, {"role": "assistant", "content": "9."}],
+    "score_chosen": 9.0, "score_rejected": 2.0,
+}
+
+
+def test_metamathqa_and_ultrafeedback_load_without_conversion(tmp_path):
+    import datasets
+
+    math = load_examples(write_jsonl(tmp_path / "metamathqa.jsonl", [METAMATHQA_ROW]))
+    assert math[0].prompt == [{"role": "user", "content": "What is 3 times 4?"}]
+    assert math[0].answer == "3 times 4 is 12.\nThe answer is: 12"
+    # the Hub's parquet layout (nested message lists), read with auto detection
+    datasets.Dataset.from_list([ULTRAFEEDBACK_ROW]).to_parquet(str(tmp_path / "uf.parquet"))
+    chat = load_examples(tmp_path / "uf.parquet")
+    assert chat[0].prompt == [{"role": "user", "content": "Name a prime number."}]
+    assert chat[0].answer == "7 is prime."  # the chosen answer; `rejected` is never the positive
+    # the published file also holds `messages` (= chosen): read as chat, it gives the same example and id
+    as_chat = load_examples(write_jsonl(tmp_path / "m.jsonl", [{**ULTRAFEEDBACK_ROW, "messages": ULTRAFEEDBACK_ROW["chosen"]}]))
+    assert as_chat == chat
+    # a chosen list with the answer only: `prompt` is the user turn
+    short = {**ULTRAFEEDBACK_ROW, "chosen": ULTRAFEEDBACK_ROW["chosen"][1:]}
+    assert load_examples(write_jsonl(tmp_path / "s.jsonl", [short]), data_format="ultrafeedback") == chat
+
+
+@pytest.mark.parametrize("row, field", [
+    ({"query": "", "response": "12"}, "'query' is empty"),
+    ({"query": "q", "response": 12}, "'response' must be a string"),
+    ({"prompt": "p", "chosen": "7 is prime."}, "'chosen' must be a non-empty list"),
+    ({"prompt": "p", "chosen": [{"role": "user", "content": "p"}]}, "field 'chosen': the last turn must be the assistant's"),
+    ({"prompt": "p", "chosen": [{"role": "user", "content": "p"}, {"role": "bot", "content": "a"}]}, "chosen[1].role"),
+])
+def test_paper_formats_errors_name_file_line_field(tmp_path, row, field):
+    path = write_jsonl(tmp_path / "bad.jsonl", [METAMATHQA_ROW, row])
+    with pytest.raises(DataError) as err:
+        load_examples(path)
+    assert f"{path}:2" in str(err.value) and field in str(err.value)

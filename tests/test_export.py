@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from conftest import TINY_HUB_ID
 from test_evaluate import make_adapter
 
 from dftlite.config import to_dict
@@ -51,7 +52,11 @@ def reference(model_config, run_dir):
     return model, tokenizer, input_ids
 
 
+TINY_ID = TINY_HUB_ID  # the tiny base sits in a Hub cache layout under this id (conftest)
+
+
 def run_export(model_config, run_dir, export_dir, **kwargs):
+    kwargs.setdefault("base_model_id", TINY_ID)
     return export(model_config, ExportConfig(adapter_path=str(run_dir / "adapter"), export_dir=str(export_dir), **kwargs))
 
 
@@ -82,7 +87,8 @@ def test_adapter_reloads_with_identical_logits(model_config, run_dir, reference,
     assert "logging_steps" not in card  # TrainingArguments plumbing stays off the card
     assert "gsm8k_train.jsonl" in card  # data
     assert "| accuracy | 0.2 | 0.6 |" in card  # metrics from the run's eval.json
-    assert "PeftModel.from_pretrained" in card and "merged" not in card
+    assert "AutoPeftModelForCausalLM.from_pretrained" in card and "merged" not in card
+    assert "import dftlite" not in card and "from dftlite" not in card
 
 
 def test_merged_fp32_reproduces_base_plus_adapter(model_config, run_dir, reference, tmp_path):
@@ -101,7 +107,7 @@ def test_merged_fp32_reproduces_base_plus_adapter(model_config, run_dir, referen
         ours = merged.generate(input_ids=input_ids, **kwargs)
     assert ours.tolist() == theirs.tolist()
     card = (out / "README.md").read_text()
-    assert "AutoModelForCausalLM.from_pretrained" in card and str(out / "merged") in card
+    assert "AutoModelForCausalLM.from_pretrained" in card and "subfolder='merged'" in card
 
 
 @pytest.mark.parametrize("merge_dtype, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
@@ -224,3 +230,128 @@ def test_export_refuses_to_write_the_token(model_config, run_dir, tmp_path, monk
         run_export(model_config, leaky_run, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["leaky"]
+
+
+# ---- Hub-ready: the export loads with plain peft/transformers, its card passes the Hub's parser,
+# and it names no path of this machine.
+
+@pytest.fixture(scope="module")
+def hub_cache(tiny_model_dir):
+    """The Hub cache that holds the tiny base as dftlite-test/tiny-llama (conftest lays it out so)."""
+    return tiny_model_dir.parent.parent.parent
+
+
+def test_adapter_loads_with_autopeft_offline_without_dftlite(model_config, hub_cache, run_dir, reference, tmp_path):
+    """The base id comes from the Hub cache layout of the base directory (no --base_model_id), and a fresh
+    Python that never imports dftlite loads the export with AutoPeftModelForCausalLM, offline."""
+    import os
+    import subprocess
+    import sys
+
+    out = run_export(model_config, run_dir, tmp_path / "out", base_model_id=None)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == TINY_ID
+
+    _, _, input_ids = reference
+    torch.save(input_ids, tmp_path / "input_ids.pt")
+    script = (
+        "import sys, torch\n"
+        "from peft import AutoPeftModelForCausalLM\n"
+        f"model = AutoPeftModelForCausalLM.from_pretrained({str(out)!r}).eval()\n"
+        f"input_ids = torch.load({str(tmp_path / 'input_ids.pt')!r}, weights_only=True)\n"
+        "with torch.no_grad():\n"
+        f"    torch.save(model(input_ids).logits, {str(tmp_path / 'logits.pt')!r})\n"
+        "assert not any(name.startswith('dftlite') for name in sys.modules), 'dftlite was imported'\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model, _, _ = reference
+    with torch.no_grad():
+        expected = model(input_ids).logits
+    assert torch.equal(torch.load(tmp_path / "logits.pt", weights_only=True), expected)
+
+
+def test_card_metadata_passes_the_hub_parser(model_config, run_dir, tmp_path):
+    from huggingface_hub import ModelCard
+
+    (run_dir / "training_curves.png").write_bytes(b"\x89PNG\r\n\x1a\n fake")
+    leaky = tmp_path / "run"  # data named by Hub id
+    leaky.mkdir()
+    (leaky / "adapter").symlink_to(run_dir / "adapter", target_is_directory=True)
+    (leaky / "training_curves.png").write_bytes(b"\x89PNG\r\n\x1a\n fake")
+    (leaky / "dftlite_config.yaml").write_text(yaml.safe_dump(
+        {**to_dict(model_config), "method": "dft2", "data_path": "meta-math/MetaMathQA", "precision": "4bit"}))
+    out = run_export(model_config, leaky, tmp_path / "out", merge=True, merge_dtype="fp32")
+    card = ModelCard.load(out / "README.md")
+    data = card.data.to_dict()
+    assert data["base_model"] == TINY_ID and data["library_name"] == "peft"
+    assert data["pipeline_tag"] == "text-generation" and data["base_model_relation"] == "adapter"
+    assert {f"base_model:adapter:{TINY_ID}", "lora", "dft", "discriminative-fine-tuning"} <= set(data["tags"])
+    assert data["datasets"] == ["meta-math/MetaMathQA"]
+    assert "arXiv:2502.18679" in card.text and "@article{guo2025discriminative" in card.text
+    assert card.text.lstrip().startswith(f"# tiny-llama + DFT2")  # about the model, not `# out: ...`
+    assert "![training curves](training_curves.png)" in card.text and (out / "training_curves.png").is_file()
+    merged = ModelCard.load(out / "merged" / "README.md").data.to_dict()
+    assert merged["base_model"] == TINY_ID and merged["base_model_relation"] == "finetune"
+    assert merged["library_name"] == "transformers" and f"base_model:finetune:{TINY_ID}" in merged["tags"]
+
+
+def test_embedded_alias_records_smollm2_and_its_license():
+    from dftlite.model_card import base_license, resolve_base_id
+
+    assert resolve_base_id("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert base_license("smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct") == "apache-2.0"
+    assert resolve_base_id("mistralai/Mistral-7B-v0.1") == "mistralai/Mistral-7B-v0.1"
+
+
+def test_license_comes_from_the_base_card(tiny_model_dir, tmp_path):
+    import shutil
+
+    from dftlite.model_card import base_license
+
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    (base / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
+    assert base_license(str(base), TINY_ID) == "mit"
+
+
+def test_local_base_without_hub_id_asks_for_base_model_id(model_config, run_dir, tmp_path):
+    import shutil
+
+    from dftlite.config import ConfigError
+
+    plain = shutil.copytree(model_config.model_name_or_path, tmp_path / "my-model")  # not a Hub cache snapshot
+    config = ModelConfig(model_name_or_path=str(plain), precision="fp32", lora_r=4)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter").symlink_to(run_dir / "adapter", target_is_directory=True)
+    with pytest.raises(ConfigError, match="--base_model_id org/name"):
+        run_export(config, run, tmp_path / "out", base_model_id=None)
+    assert not (tmp_path / "out").exists()
+    assert json.loads(run_export(config, run, tmp_path / "out2").joinpath("adapter_config.json").read_text())[
+        "base_model_name_or_path"] == TINY_ID
+
+
+def test_export_names_no_path_of_this_machine(model_config, run_dir, tmp_path):
+    """grep -r over the export: no absolute path of the run, the base, the data, the home or temp dirs."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter").symlink_to(run_dir / "adapter", target_is_directory=True)
+    data = tmp_path / "data" / "train.jsonl"
+    (run / "dftlite_config.yaml").write_text(yaml.safe_dump(
+        {**to_dict(model_config, DataConfig(data_path=str(data))), "method": "dft2", "output_dir": str(run),
+         "pool_dir": str(tmp_path / "pool")}))
+    (run / "eval.json").write_text(json.dumps({**EVAL_RESULTS, "data_path": str(tmp_path / "dev.jsonl")}))
+    out = run_export(model_config, run, tmp_path / "export", merge=True, merge_dtype="fp32")
+    needles = {str(tmp_path), str(run_dir), model_config.model_name_or_path, str(Path.home()), os.getcwd(),
+               tempfile.gettempdir()}
+    for path in all_files(out):
+        content = path.read_bytes()
+        for needle in needles:
+            assert needle.encode() not in content, f"{path.relative_to(out)} contains {needle}"
+    card = (out / "README.md").read_text()
+    assert "a local file, `train.jsonl`" in card and "a local file, `dev.jsonl`" in card
+    assert yaml.safe_load((out / "dftlite_config.yaml").read_text())["data_path"] == "<local path>/train.jsonl"

@@ -101,6 +101,7 @@ def test_dft2_pushes_held_out_negatives_down_more_than_sft(workspace, tmp_path):
     for name in ("adapter/adapter_model.safetensors", "adapter/tokenizer_config.json", "dft_state.safetensors",
                  "dft_state.json", "dftlite_config.yaml", "training_curves.png"):
         assert (out / name).is_file(), name
+    assert not (out / "adapter" / "README.md").exists()  # PEFT's card names a local base path; export writes ours
     state = load_file(str(out / "dft_state.safetensors"))
     assert torch.equal(state["visits"], torch.full((8,), 4)) and torch.isfinite(state["log_u"]).all()
     reloaded, _ = load_model(model_config, adapter_path=dft2.adapter_path)
