@@ -51,7 +51,7 @@ import yaml
 
 from dftlite.config import ConfigError, save_resolved_config
 from dftlite.model_card import base_license, model_card, resolve_base_id, scrub_paths
-from dftlite.models import ModelConfig, load_base_model, load_tokenizer, resolve_model_path, resolve_model_source
+from dftlite.models import ModelConfig, load_base_model, load_tokenizer, resolve_model_path
 from dftlite.outputs import disk_full_guard, output_lock, staged_directory
 
 logger = logging.getLogger(__name__)
