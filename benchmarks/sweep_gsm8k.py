@@ -57,6 +57,16 @@ CONFIGS = {
     "dft2_lr5e-5": {"method": "dft2", "learning_rate": 5e-5},
     "dft2_accum16": {"method": "dft2", "gradient_accumulation_steps": 4},
     "dft2_nosys256": {"method": "dft2", "pool": "nosys256"},
+    # combinations: u_init first_batch (strong negatives' term early) with the SFT anchor
+    "dft2_fb_l0.5": {"method": "dft2", "u_init": "first_batch", "sft_weight": 0.5},
+    "dft2_fb_l1": {"method": "dft2", "u_init": "first_batch", "sft_weight": 1.0},
+    "dft2_fb_l0.25": {"method": "dft2", "u_init": "first_batch", "sft_weight": 0.25},
+    "dft2_fb_tau0.1_l0.5": {"method": "dft2", "u_init": "first_batch", "tau": 0.1, "sft_weight": 0.5},
+    # a larger step size: the 32 steps of this sweep are half the replication's 64
+    "dft2_fb_lr5e-4": {"method": "dft2", "u_init": "first_batch", "learning_rate": 5e-4},
+    "dft2_fb_lr5e-4_l0.5": {"method": "dft2", "u_init": "first_batch", "learning_rate": 5e-4, "sft_weight": 0.5},
+    "dft2_lr5e-4_l0.5": {"method": "dft2", "learning_rate": 5e-4, "sft_weight": 0.5},
+    "sft_lr5e-4": {"method": "sft", "learning_rate": 5e-4},
     "dft_train_prompt": {"method": "dft", "reference": "train_prompt"},
     "dft_sampler_prompt": {"method": "dft", "reference": "sampler_prompt"},
 }
