@@ -79,7 +79,9 @@ def parse():
     parser.add_argument("--extra", default="{}",
                         help='JSON {name: overrides} of configurations beyond CONFIGS, e.g. combinations of the best')
     parser.add_argument("--accuracy", default="", help="comma-separated names (or base) to also decode greedily")
-    parser.add_argument("--report", action="store_true", help="only write docs/sweep_results.json and the figure")
+    parser.add_argument("--report", action="store_true", help="only write docs/sweep_results.json and the figures")
+    parser.add_argument("--curves", default="sft,dft2",
+                        help="configurations whose training curves go into docs/figures/sweep_curves.png")
     parser.add_argument("--num_train", type=int, default=64)
     parser.add_argument("--num_dev", type=int, default=150)
     parser.add_argument("--precision", default="fp32")
@@ -109,6 +111,8 @@ def main():
         for name in [n for n in args.accuracy.split(",") if n]:
             add_accuracy(args, inputs, name)
     report(run_dir, configs)
+    curves_figure(run_dir, [n for n in args.curves.split(",") if (run_dir / n / "log_history.jsonl").exists()],
+                  REPO / "docs" / "figures" / "sweep_curves.png")
 
 
 class Inputs:
@@ -287,6 +291,32 @@ def pareto_figure(rows: list[dict], path: Path):
     axis.set_title("GSM8K sweep, SmolLM2-135M LoRA, 150 dev problems (stars: base, SFT)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def curves_figure(run_dir: Path, names: list[str], path: Path):
+    """Per-step log-likelihood per token of the positives (solid) and negatives (dashed), as the paper's Figure 3."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not names:
+        return
+    fig, axis = plt.subplots(figsize=(8, 4.5))
+    for name, color in zip(names, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        logs = [json.loads(line) for line in open(run_dir / name / "log_history.jsonl")]
+        logs = [entry for entry in logs if "loss" in entry and "step" in entry]
+        steps = [entry["step"] for entry in logs]
+        axis.plot(steps, [entry["pos_logp_per_token"] for entry in logs], color=color, label=f"{name}: gold answers")
+        if all("neg_logp_per_token" in entry for entry in logs):
+            axis.plot(steps, [entry["neg_logp_per_token"] for entry in logs], color=color, linestyle="--",
+                      label=f"{name}: negatives")
+    axis.set_xlabel("step (4 training prompts each)")
+    axis.set_ylabel("log-likelihood per token (training batch)")
+    axis.set_title("Training curves, GSM8K sweep (cf. the paper's Figure 3)")
+    axis.legend(fontsize=8)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
