@@ -23,6 +23,7 @@ and the report goes to docs/sweep_results.json and docs/figures/sweep_pareto.png
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -193,6 +194,7 @@ def train_one(args, inputs: Inputs, name: str, overrides: dict):
 def add_accuracy(args, inputs: Inputs, name: str):
     """Greedy accuracy, the share of answers with a `####` line and their mean length (in tokens)."""
     from dftlite.data import load_data
+    from dftlite.demo import wilson_interval
     from dftlite.evaluate import accuracy
     from dftlite.models import load_model, sampler_view
 
@@ -201,37 +203,23 @@ def add_accuracy(args, inputs: Inputs, name: str):
     if "accuracy" in result:
         return
     tick = time.time()
-    if name == "base":
+    if name == "base":  # the base is the sampler view of the model without an adapter
         model, tokenizer = load_model(inputs.model_config, trainable=False)
-        view = sampler_view
+        view = sampler_view(model)
     else:
         model, tokenizer = load_model(inputs.model_config, adapter_path=result["adapter_path"], trainable=False)
-        view = None
-    examples = load_data(inputs.dev_data)
-    if view is not None:
-        with view(model):
-            measured = accuracy(model, tokenizer, examples, inputs.dev_data.template, args.max_new_tokens, 32)
-    else:
-        measured = accuracy(model, tokenizer, examples, inputs.dev_data.template, args.max_new_tokens, 32)
+        view = contextlib.nullcontext()
+    with view:
+        measured = accuracy(model, tokenizer, load_data(inputs.dev_data), inputs.dev_data.template, args.max_new_tokens, 32)
     outputs = [p["output"] for p in measured["predictions"]]
     result["accuracy"] = {
         "accuracy": measured["accuracy"], "correct": measured["correct"], "total": measured["total"],
-        "interval_95": wilson(measured["correct"], measured["total"]),
+        "interval_95": list(wilson_interval(measured["correct"], measured["total"])),
         "format_share": sum("####" in o for o in outputs) / len(outputs),
         "mean_answer_tokens": sum(len(tokenizer(o)["input_ids"]) for o in outputs) / len(outputs),
         "max_new_tokens": args.max_new_tokens, "commit": commit(), "seconds": time.time() - tick,
     }
     write_result(inputs.run_dir / name, result)
-
-
-def wilson(successes: int, total: int, z: float = 1.96) -> list[float]:
-    """95% Wilson score interval of a binomial proportion."""
-    if total == 0:
-        return [0.0, 1.0]
-    p = successes / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * ((p * (1 - p) / total + z * z / (4 * total * total)) ** 0.5) / (1 + z * z / total)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def write_result(directory: Path, result: dict):
