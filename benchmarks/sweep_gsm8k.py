@@ -41,33 +41,35 @@ POOLS = {
 }
 # The previous defaults, kept for comparison: u_init first_batch, LoRA dropout while scoring.
 OLD = {"u_init": "first_batch", "scoring_dropout": True}
-# name -> DFTConfig overrides (and "pool"). Unnamed settings are DFTConfig's defaults (DFT2: τ 0.3,
-# γ 0.9, u_init one, no dropout while scoring, λ = sft_weight 0) and the fixed ones in `train_one`.
+# name -> DFTConfig overrides (and "pool"). u_init and sft_weight (λ) are explicit: their defaults
+# changed on this sweep's evidence. Unnamed settings are DFTConfig's defaults (DFT2: τ 0.3, γ 0.9, no
+# dropout while scoring) and the fixed ones in `train_one`.
 CONFIGS = {
     "sft": {"method": "sft"},
-    "dft2": {"method": "dft2"},
-    "dft2_old_defaults": {"method": "dft2", **OLD},
-    "dft2_l0.1": {"method": "dft2", "sft_weight": 0.1},
-    "dft2_l0.5": {"method": "dft2", "sft_weight": 0.5},
-    "dft2_l1": {"method": "dft2", "sft_weight": 1.0},
-    "dft2_u_first_batch": {"method": "dft2", "u_init": "first_batch"},
-    "dft2_dropout": {"method": "dft2", "scoring_dropout": True},
-    "dft2_tau0.1": {"method": "dft2", "tau": 0.1},
-    "dft2_tau1": {"method": "dft2", "tau": 1.0},
-    "dft2_lr1e-4": {"method": "dft2", "learning_rate": 1e-4},
-    "dft2_lr5e-5": {"method": "dft2", "learning_rate": 5e-5},
-    "dft2_accum16": {"method": "dft2", "gradient_accumulation_steps": 4},
-    "dft2_nosys256": {"method": "dft2", "pool": "nosys256"},
+    "dft2": {"method": "dft2", "sft_weight": 0.0, "u_init": "one"},
+    "dft2_old_defaults": {"method": "dft2", **OLD, "sft_weight": 0.0},
+    "dft2_l0.1": {"method": "dft2", "sft_weight": 0.1, "u_init": "one"},
+    "dft2_l0.5": {"method": "dft2", "sft_weight": 0.5, "u_init": "one"},
+    "dft2_l1": {"method": "dft2", "sft_weight": 1.0, "u_init": "one"},
+    "dft2_u_first_batch": {"method": "dft2", "u_init": "first_batch", "sft_weight": 0.0},
+    "dft2_dropout": {"method": "dft2", "scoring_dropout": True, "sft_weight": 0.0, "u_init": "one"},
+    "dft2_tau0.1": {"method": "dft2", "tau": 0.1, "sft_weight": 0.0, "u_init": "one"},
+    "dft2_tau1": {"method": "dft2", "tau": 1.0, "sft_weight": 0.0, "u_init": "one"},
+    "dft2_lr1e-4": {"method": "dft2", "learning_rate": 1e-4, "sft_weight": 0.0, "u_init": "one"},
+    "dft2_lr5e-5": {"method": "dft2", "learning_rate": 5e-5, "sft_weight": 0.0, "u_init": "one"},
+    "dft2_accum16": {"method": "dft2", "gradient_accumulation_steps": 4, "sft_weight": 0.0, "u_init": "one"},
+    "dft2_nosys256": {"method": "dft2", "pool": "nosys256", "sft_weight": 0.0, "u_init": "one"},
     # combinations: u_init first_batch (strong negatives' term early) with the SFT anchor
     "dft2_fb_l0.5": {"method": "dft2", "u_init": "first_batch", "sft_weight": 0.5},
     "dft2_fb_l1": {"method": "dft2", "u_init": "first_batch", "sft_weight": 1.0},
     "dft2_fb_l0.25": {"method": "dft2", "u_init": "first_batch", "sft_weight": 0.25},
     "dft2_fb_tau0.1_l0.5": {"method": "dft2", "u_init": "first_batch", "tau": 0.1, "sft_weight": 0.5},
     # a larger step size: the 32 steps of this sweep are half the replication's 64
-    "dft2_fb_lr5e-4": {"method": "dft2", "u_init": "first_batch", "learning_rate": 5e-4},
+    "dft2_fb_lr5e-4": {"method": "dft2", "u_init": "first_batch", "learning_rate": 5e-4, "sft_weight": 0.0},
     "dft2_fb_lr5e-4_l0.5": {"method": "dft2", "u_init": "first_batch", "learning_rate": 5e-4, "sft_weight": 0.5},
-    "dft2_lr5e-4_l0.5": {"method": "dft2", "learning_rate": 5e-4, "sft_weight": 0.5},
+    "dft2_lr5e-4_l0.5": {"method": "dft2", "learning_rate": 5e-4, "sft_weight": 0.5, "u_init": "one"},
     "sft_lr5e-4": {"method": "sft", "learning_rate": 5e-4},
+    "dft2_fb_lr1e-3_l1": {"method": "dft2", "u_init": "first_batch", "learning_rate": 1e-3, "sft_weight": 1.0},
     "dft_train_prompt": {"method": "dft", "reference": "train_prompt"},
     "dft_sampler_prompt": {"method": "dft", "reference": "sampler_prompt"},
 }
