@@ -39,10 +39,10 @@ class DFTConfig(TrainingArguments):
                   "None = the paper's: DFT 0.85, DFT2 0.9."},
     )
     u_init: Literal["one", "first_batch"] = field(
-        default="one",
-        metadata={"help": "u_0: one = log u = 0, as Algorithm 1 and the official code; first_batch = each u_i starts at "
-                  "its first mini-batch estimate ĝ_i (γ = 1 on the first visit, which the paper's γ ablation, Table 8, "
-                  "finds much worse). docs/results.md compares the two."},
+        default="first_batch",
+        metadata={"help": "u_0: first_batch = each u_i starts at its first mini-batch estimate ĝ_i (γ = 1 on the first "
+                  "visit): the negatives' term works from the first step, which short LoRA runs need (docs/results.md, "
+                  "sweep); one = log u = 0, as Algorithm 1 and the official code (the paper's recipes set it)."},
     )
     scoring_dropout: bool = field(
         default=False,
@@ -78,8 +78,8 @@ class DFTConfig(TrainingArguments):
         default=None,
         metadata={"help": "λ ≥ 0: adds λ·(token-level NLL of the gold answers) to the loss of dft, dft2 and simpo_sft "
                   "(an SFT anchor; the official DFT trainer computes this NLL but leaves it unused, TRL's DPO offers it "
-                  "as loss_type [sigmoid, sft]). None = dft2 0.5 (docs/results.md: it keeps the gold answers' "
-                  "likelihood near SFT's), simpo_sft 1.0, dft 0.0 (the paper's)."},
+                  "as loss_type [sigmoid, sft]). None = dft2 1.0 (docs/results.md: it keeps the gold answers' "
+                  "likelihood near SFT's while the negatives fall), simpo_sft 1.0, dft 0.0 (the paper's)."},
     )
     token_budget: int = field(
         default=0,
@@ -136,7 +136,7 @@ class DFTConfig(TrainingArguments):
         if self.gamma is None:
             self.gamma = {"dft": 0.85, "dft2": 0.9}.get(self.method, 0.9)
         if self.sft_weight is None:
-            self.sft_weight = {"dft2": 0.5, "simpo_sft": 1.0}.get(self.method, 0.0)
+            self.sft_weight = {"dft2": 1.0, "simpo_sft": 1.0}.get(self.method, 0.0)
         if self.sft_weight and self.method not in ("dft", "dft2", "simpo_sft"):
             raise ValueError(f"sft_weight applies to dft, dft2 and simpo_sft, not to method {self.method!r}")
         if self.beta is None:
