@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from dftlite.logprobs import chunked_target_logprobs, naive_sequence_logprobs, sequence_logprobs
-from dftlite.models import ModelConfig, load_base_model, load_model, sampler_view
+from dftlite.models import ModelConfig, load_model, sampler_view
+from test_models import _train_a_few_steps
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -50,18 +51,6 @@ def test_chunked_scoring_under_cuda_autocast_matches_float64(autocast_dtype):
     torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
     for got_grad, expected_grad in zip(got_grads, expected_grads):
         torch.testing.assert_close(got_grad.double(), expected_grad.double(), atol=1e-4, rtol=1e-4)
-
-
-def _train_a_few_steps(model, input_ids, steps=3):
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.5)
-    before = [p.detach().clone() for p in params]
-    model.train()
-    for _ in range(steps):
-        model(input_ids=input_ids, labels=input_ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return [not torch.equal(b, p.detach()) for b, p in zip(before, params)]
 
 
 def test_4bit_sampler_view_is_bit_exact_after_training_on_cuda(tiny_model_dir):
