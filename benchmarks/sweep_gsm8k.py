@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import subprocess
 import sys
@@ -70,6 +71,14 @@ CONFIGS = {
     "dft2_lr5e-4_l0.5": {"method": "dft2", "learning_rate": 5e-4, "sft_weight": 0.5, "u_init": "one"},
     "sft_lr5e-4": {"method": "sft", "learning_rate": 5e-4},
     "dft2_fb_lr1e-3_l1": {"method": "dft2", "u_init": "first_batch", "learning_rate": 1e-3, "sft_weight": 1.0},
+    # session 4: SFT at the best DFT2's step size (a fair reference), a heavier anchor, more negatives
+    "sft_lr1e-3": {"method": "sft", "learning_rate": 1e-3},
+    "dft2_fb_lr1e-3_l2": {"method": "dft2", "u_init": "first_batch", "learning_rate": 1e-3, "sft_weight": 2.0},
+    "dft2_fb_lr1e-3_l2_b4": {"method": "dft2", "u_init": "first_batch", "learning_rate": 1e-3, "sft_weight": 2.0,
+                             "num_negatives_per_step": 4},
+    # the default configuration again, on the 4-bit NF4 base (is fp32 LoRA a fair stand-in?)
+    "dft2_fb_lr1e-3_l1_4bit": {"method": "dft2", "u_init": "first_batch", "learning_rate": 1e-3, "sft_weight": 1.0,
+                               "precision": "4bit"},
     "dft_train_prompt": {"method": "dft", "reference": "train_prompt"},
     "dft_sampler_prompt": {"method": "dft", "reference": "sampler_prompt"},
 }
@@ -166,30 +175,39 @@ def train_one(args, inputs: Inputs, name: str, overrides: dict):
 
     overrides = dict(overrides)
     kind = overrides.pop("pool", "adversarial128")
-    model, tokenizer = load_model(inputs.model_config, gradient_checkpointing=False)
+    precision = overrides.pop("precision", args.precision)
+    model_config = dataclasses.replace(inputs.model_config, precision=precision)
+    model, tokenizer = load_model(model_config, gradient_checkpointing=False)
     dev_pool = inputs.pool(model, tokenizer, "dev")
     if not (inputs.run_dir / "base" / "result.json").exists():
         with sampler_view(model):
             base = teacher_forced(model, tokenizer, inputs, dev_pool)
         write_result(inputs.run_dir / "base", {"name": "base", "method": "base", "settings": {}, "commit": commit(),
                                                "eval": base})
+    base_eval = None
+    if precision != args.precision:  # the base at this precision, to compare with the shared base row
+        with sampler_view(model):
+            base_eval = teacher_forced(model, tokenizer, inputs, dev_pool)
     train_pool = inputs.pool(model, tokenizer, "train", kind)
     settings = {"output_dir": str(inputs.run_dir / name), "pool_dir": train_pool, "num_negatives_per_step": 2,
                 "num_train_epochs": 2, "per_device_train_batch_size": 4, "learning_rate": args.learning_rate,
                 "seed": args.seed, "gradient_checkpointing": False, "save_strategy": "no", **overrides}
     config = DFTConfig(**settings)
     tick = time.time()
-    trained = train(inputs.model_config, inputs.train_data, config, model=model, tokenizer=tokenizer)
+    trained = train(model_config, inputs.train_data, config, model=model, tokenizer=tokenizer)
     train_seconds = time.time() - tick
     tick = time.time()
     evaluated = teacher_forced(model, tokenizer, inputs, dev_pool)
     resolved = {k: getattr(config, k) for k in ("method", "tau", "gamma", "u_init", "scoring_dropout", "sft_weight",
-                                                "reference", "learning_rate", "gradient_accumulation_steps")}
+                                                "reference", "learning_rate", "gradient_accumulation_steps",
+                                                "num_negatives_per_step")}
+    resolved["precision"] = precision
     resolved["prompts_per_update"] = 4 * config.gradient_accumulation_steps
     resolved["negatives"] = kind
     write_result(inputs.run_dir / name, {
         "name": name, "method": config.method, "settings": resolved, "commit": commit(), "eval": evaluated,
         "train_seconds": train_seconds, "eval_seconds": time.time() - tick, "adapter_path": trained.adapter_path,
+        **({"base_eval": base_eval} if base_eval else {}),
     })
 
 
