@@ -74,8 +74,13 @@ CONFIGS = {
     # session 4: SFT at the best DFT2's step size (a fair reference), a heavier anchor, more negatives
     "sft_lr1e-3": {"method": "sft", "learning_rate": 1e-3},
     "dft2_fb_lr1e-3_l2": {"method": "dft2", "u_init": "first_batch", "learning_rate": 1e-3, "sft_weight": 2.0},
+    "dft2_fb_lr1e-3_l1.5": {"method": "dft2", "u_init": "first_batch", "learning_rate": 1e-3, "sft_weight": 1.5},
+    # the pool has 4 negatives per train prompt: B = 4 sees all of them in each of the 2 epochs
     "dft2_fb_lr1e-3_l2_b4": {"method": "dft2", "u_init": "first_batch", "learning_rate": 1e-3, "sft_weight": 2.0,
-                             "num_negatives_per_step": 4},
+                             "num_negatives_per_step": 4, "allow_negative_reuse": True},
+    # τ 0.1 puts the negatives' weight on the best-scoring negative, the one the win rate compares with
+    "dft2_fb_lr1e-3_l2_tau0.1": {"method": "dft2", "u_init": "first_batch", "learning_rate": 1e-3, "sft_weight": 2.0,
+                                 "tau": 0.1},
     # the default configuration again, on the 4-bit NF4 base (is fp32 LoRA a fair stand-in?)
     "dft2_fb_lr1e-3_l1_4bit": {"method": "dft2", "u_init": "first_batch", "learning_rate": 1e-3, "sft_weight": 1.0,
                                "precision": "4bit"},
