@@ -84,6 +84,7 @@ CONFIGS = {
     # the default configuration again, on the 4-bit NF4 base (is fp32 LoRA a fair stand-in?)
     "dft2_fb_lr1e-3_l1_4bit": {"method": "dft2", "u_init": "first_batch", "learning_rate": 1e-3, "sft_weight": 1.0,
                                "precision": "4bit"},
+    "sft_lr1e-3_4bit": {"method": "sft", "learning_rate": 1e-3, "precision": "4bit"},
     "dft_train_prompt": {"method": "dft", "reference": "train_prompt"},
     "dft_sampler_prompt": {"method": "dft", "reference": "sampler_prompt"},
 }
