@@ -84,6 +84,7 @@ CONFIGS = {
     # a larger step again (2e-4 -> 5e-4 -> 1e-3 moved the frontier out each time), and SFT at the same step
     "dft2_fb_lr2e-3_l2": {"method": "dft2", "u_init": "first_batch", "learning_rate": 2e-3, "sft_weight": 2.0},
     "sft_lr2e-3": {"method": "sft", "learning_rate": 2e-3},
+    "dft2_fb_lr2e-3_l2.5": {"method": "dft2", "u_init": "first_batch", "learning_rate": 2e-3, "sft_weight": 2.5},
     "dft2_fb_lr2e-3_l3": {"method": "dft2", "u_init": "first_batch", "learning_rate": 2e-3, "sft_weight": 3.0},
     "dft2_fb_lr3e-3_l3": {"method": "dft2", "u_init": "first_batch", "learning_rate": 3e-3, "sft_weight": 3.0},
     # the default configuration again, on the 4-bit NF4 base (is fp32 LoRA a fair stand-in?)
