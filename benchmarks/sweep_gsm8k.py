@@ -87,6 +87,8 @@ CONFIGS = {
     "dft2_fb_lr2e-3_l2.5": {"method": "dft2", "u_init": "first_batch", "learning_rate": 2e-3, "sft_weight": 2.5},
     "dft2_fb_lr2e-3_l3": {"method": "dft2", "u_init": "first_batch", "learning_rate": 2e-3, "sft_weight": 3.0},
     "dft2_fb_lr3e-3_l3": {"method": "dft2", "u_init": "first_batch", "learning_rate": 3e-3, "sft_weight": 3.0},
+    "dft2_fb_lr3e-3_l4": {"method": "dft2", "u_init": "first_batch", "learning_rate": 3e-3, "sft_weight": 4.0},
+    "sft_lr3e-3": {"method": "sft", "learning_rate": 3e-3},
     # the default configuration again, on the 4-bit NF4 base (is fp32 LoRA a fair stand-in?)
     "dft2_fb_lr1e-3_l1_4bit": {"method": "dft2", "u_init": "first_batch", "learning_rate": 1e-3, "sft_weight": 1.0,
                                "precision": "4bit"},
