@@ -78,8 +78,8 @@ class DFTConfig(TrainingArguments):
         default=None,
         metadata={"help": "λ ≥ 0: adds λ·(token-level NLL of the gold answers) to the loss of dft, dft2 and simpo_sft "
                   "(an SFT anchor; the official DFT trainer computes this NLL but leaves it unused, TRL's DPO offers it "
-                  "as loss_type [sigmoid, sft]). None = dft2 1.0 (docs/results.md: it keeps the gold answers' "
-                  "likelihood near SFT's while the negatives fall), simpo_sft 1.0, dft 0.0 (the paper's)."},
+                  "as loss_type [sigmoid, sft]). None = dft2 2.5 (docs/results.md: it keeps the gold answers' "
+                  "likelihood within 0.1 nats of SFT's while the negatives fall), simpo_sft 1.0, dft 0.0 (the paper's)."},
     )
     token_budget: int = field(
         default=0,
@@ -136,7 +136,7 @@ class DFTConfig(TrainingArguments):
         if self.gamma is None:
             self.gamma = {"dft": 0.85, "dft2": 0.9}.get(self.method, 0.9)
         if self.sft_weight is None:
-            self.sft_weight = {"dft2": 1.0, "simpo_sft": 1.0}.get(self.method, 0.0)
+            self.sft_weight = {"dft2": 2.5, "simpo_sft": 1.0}.get(self.method, 0.0)
         if self.sft_weight and self.method not in ("dft", "dft2", "simpo_sft"):
             raise ValueError(f"sft_weight applies to dft, dft2 and simpo_sft, not to method {self.method!r}")
         if self.beta is None:
