@@ -11,7 +11,8 @@ and is scored on the first 150 dev problems against the same 2 dev negatives eac
 from the base under "You are an unhelpful assistant.", 128 new tokens):
   win rate, gold and negative log-likelihood per token, mean margin (`dftlite.evaluate.discrimination`).
 These take about a minute; greedy accuracy (minutes) only runs for the configurations named in
---accuracy. fp32 LoRA (not 4-bit) and no gradient checkpointing, for speed on a CPU.
+--accuracy. fp32 LoRA (not 4-bit) and no gradient checkpointing, for speed on a CPU; a configuration
+may set its own "precision" (e.g. 4bit), and then its base is scored at that precision too.
 
 Everything lives under --run_dir (default runs/sweep, ignored by git):
   data/, pool-train/, pool-dev/, pool-train-nosys256/    shared inputs (sampling resumes)
@@ -91,7 +92,7 @@ CONFIGS = {
     "dft2_fb_lr3e-3_l3": {"method": "dft2", "u_init": "first_batch", "learning_rate": 3e-3, "sft_weight": 3.0},
     "dft2_fb_lr3e-3_l4": {"method": "dft2", "u_init": "first_batch", "learning_rate": 3e-3, "sft_weight": 4.0},
     "sft_lr3e-3": {"method": "sft", "learning_rate": 3e-3},
-    # the default configuration again, on the 4-bit NF4 base (is fp32 LoRA a fair stand-in?)
+    # session 3's default configuration (λ 1, lr 1e-3) and SFT on the 4-bit NF4 base: is fp32 a fair stand-in?
     "dft2_fb_lr1e-3_l1_4bit": {"method": "dft2", "u_init": "first_batch", "learning_rate": 1e-3, "sft_weight": 1.0,
                                "precision": "4bit"},
     "sft_lr1e-3_4bit": {"method": "sft", "learning_rate": 1e-3, "precision": "4bit"},
