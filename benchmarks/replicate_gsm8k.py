@@ -168,6 +168,12 @@ def main():
     print(json.dumps({"commit": commit, "results": {k: v["eval"] for k, v in results.items()}}))
 
 
+def step_logs(run_dir: Path) -> list[dict]:
+    """A run's per-step training log entries (log_history.jsonl without the eval and summary lines)."""
+    logs = [json.loads(line) for line in open(run_dir / "log_history.jsonl")]
+    return [entry for entry in logs if "loss" in entry and "step" in entry]
+
+
 def plot_all(run_dir: Path, methods: list[str]):
     try:
         import matplotlib
@@ -180,8 +186,7 @@ def plot_all(run_dir: Path, methods: list[str]):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))  # one colour per method
     for name in sorted(methods, key=list(METHODS).index):
-        logs = [json.loads(line) for line in open(run_dir / name / "log_history.jsonl")]
-        logs = [entry for entry in logs if "loss" in entry and "step" in entry]
+        logs = step_logs(run_dir / name)
         steps = [entry["step"] for entry in logs]
         for axis, key in zip(axes, ["pos_logp_per_token", "neg_logp_per_token", "loss"]):
             if all(key in entry for entry in logs):

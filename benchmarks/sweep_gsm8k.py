@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from replicate_gsm8k import GSM8K, REPO, write_subset  # noqa: E402
+from replicate_gsm8k import GSM8K, REPO, step_logs, write_subset  # noqa: E402
 
 # The training pools: name -> SampleConfig overrides. "nosys256" is the official MetaMathQA
 # generator's setting (gen_mmqa.sh): no adversarial system message, 256 new tokens.
@@ -361,8 +361,7 @@ def curves_figure(run_dir: Path, names: list[str], path: Path):
         return
     fig, axis = plt.subplots(figsize=(8, 4.5))
     for name, color in zip(names, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
-        logs = [json.loads(line) for line in open(run_dir / name / "log_history.jsonl")]
-        logs = [entry for entry in logs if "loss" in entry and "step" in entry]
+        logs = step_logs(run_dir / name)
         steps = [entry["step"] for entry in logs]
         axis.plot(steps, [entry["pos_logp_per_token"] for entry in logs], color=color, label=f"{name}: gold answers")
         if all("neg_logp_per_token" in entry for entry in logs):
