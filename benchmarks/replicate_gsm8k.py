@@ -69,8 +69,10 @@ def parse():
     return parser.parse_args()
 
 
-def write_subset(source: Path, target: Path, count: int, shortest_of: int = 0) -> Path:
-    rows = [json.loads(line) for line in open(source)]
+def write_subset(source: Path, target: Path, count: int, shortest_of: int = 0, start: int = 0) -> Path:
+    """The problems start .. start + count - 1 of `source` (0-based), or the `count` shortest of its first
+    `shortest_of`."""
+    rows = [json.loads(line) for line in open(source)][start:]
     if shortest_of:
         rows = sorted(rows[:shortest_of], key=lambda r: len(r["question"]) + len(r["answer"]))
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -153,7 +153,8 @@ class Inputs:
 
         self.args, self.run_dir = args, run_dir
         train_path = write_subset(GSM8K / "train.jsonl", run_dir / "data" / "train.jsonl", args.num_train)
-        dev_path = write_subset(GSM8K / "dev.jsonl", run_dir / "data" / "dev.jsonl", args.num_dev)
+        dev_path = write_subset(GSM8K / "dev.jsonl", run_dir / "data" / "dev.jsonl", args.num_dev,
+                                start=getattr(args, "dev_start", 0))
         self.model_config = ModelConfig(precision=args.precision, lora_r=16, lora_alpha=32)
         self.train_data = DataConfig(data_path=str(train_path), max_length=args.max_length)
         self.dev_data = DataConfig(data_path=str(dev_path), max_length=args.max_length)
