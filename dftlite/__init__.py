@@ -18,14 +18,21 @@ warnings.filterwarnings("ignore", message=r"'pin_memory' argument is set as true
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script_method` is deprecated", category=DeprecationWarning)
 
 
-BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+# bitsandbytes (0.50), when imported on a CPU with AVX512-BF16, asks the `kernels` package for a fused
+# 4-bit kernel from the Hub (kernels-community/quantization-bitsandbytes). No setting of bitsandbytes,
+# kernels (0.19) or transformers (5.x) turns that lookup off: bitsandbytes/backends/cpu/ops.py runs it
+# at import whenever the CPU has the instructions and `kernels` imports, and transformers 5 depends on
+# `kernels`. Offline it fails, and both packages log about it ("Skipping publisher trust check ...",
+# "Failed to load CPU gemm_4bit_forward ..."), wording that changes between releases. dftlite never
+# uses that kernel (models._keep_4bit_trainable_on_cpu switches it off: it has no backward), so the
+# two loggers, the whole `kernels` package and bitsandbytes' CPU backend, show errors only.
+# `dftlite --verbose` shows their warnings again.
+HUB_KERNEL_LOGGERS = ("kernels", "bitsandbytes.backends.cpu.ops")
 
 
-def not_the_cpu_kernel_download(record: logging.LogRecord) -> bool:
-    # bitsandbytes on AVX512-BF16 CPUs tries to fetch a kernel from the Hub and logs its failure; dftlite
-    # switches that kernel off anyway (models._keep_4bit_trainable_on_cpu), so the line only misleads.
-    # `dftlite --verbose` shows it again.
-    return "gemm_4bit_forward" not in record.getMessage()
+def quiet_hub_kernel_lookup(quiet: bool = True) -> None:
+    for name in HUB_KERNEL_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.NOTSET)
 
 
-logging.getLogger(BNB_CPU_LOGGER).addFilter(not_the_cpu_kernel_download)
+quiet_hub_kernel_lookup()

@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from dftlite import BNB_CPU_LOGGER, __version__, not_the_cpu_kernel_download
+from dftlite import __version__, quiet_hub_kernel_lookup
 
 COMMANDS = {
     "sample": "Sample negatives y' from the frozen base model P_g0(.|x̄) into a pool (JSONL).",
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv
     argv = [arg for arg in argv if arg != "--verbose"]
-    if verbose:  # show bitsandbytes' Hub-kernel line again (dftlite/__init__.py hides it)
-        logging.getLogger(BNB_CPU_LOGGER).removeFilter(not_the_cpu_kernel_download)
+    if verbose:  # show the Hub-kernel lookup's warnings again (dftlite/__init__.py hides them)
+        quiet_hub_kernel_lookup(False)
     parser = argparse.ArgumentParser(
         prog="dftlite",
         description="Discriminative Fine-Tuning (DFT/DFT2; Guo et al. 2025, arXiv 2502.18679) with QLoRA. "

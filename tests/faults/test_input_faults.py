@@ -137,4 +137,5 @@ def test_the_bitsandbytes_kernel_warning_shows_only_with_verbose():
 
     assert "kernels-community" not in help_output()
     if ops.has_avx512bf16():  # the only CPUs on which bitsandbytes tries the Hub kernel, and warns
-        assert "Failed to load CPU gemm_4bit_forward from kernels-community" in help_output("--verbose")
+        # the wording is the packages' own and changes between releases; the repository id does not
+        assert "kernels-community/quantization-bitsandbytes" in help_output("--verbose")
