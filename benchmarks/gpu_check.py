@@ -1,11 +1,15 @@
 """One prepared GPU check: environment, the GPU tests, step cost, sampling throughput and the T4 goal.
 
-    python benchmarks/gpu_check.py --out OUT            # on a CUDA machine: all stages, at most ~7.5 min
+    python benchmarks/gpu_check.py --out OUT            # on a CUDA machine: all stages, at most 470 s of caps
     python benchmarks/gpu_check.py --tiny --out OUT     # CPU smoke run of every code path (< 1 min; in make test)
     python benchmarks/gpu_check.py --out OUT --stages environment,t4_goal_llama_8b
 
 Writes OUT/gpu_check.json (every stage's status, seconds and figures) and OUT/gpu_check.md (the
 same as tables), plus OUT/<stage>.log (each stage's output) and OUT/gpu_tests.xml (pytest's report).
+On a CUDA machine, a run without --tiny also writes its gpu_check.json to --record (default
+docs/gpu_check.json in this repository), the committed place for the raw file behind
+docs/benchmarks.md's GPU figures; where the check runs in a copy of the tree (a lent machine), copy
+OUT/gpu_check.json there instead. --record '' writes no copy; a run of some --stages overwrites it too.
 Exit status 0 when no stage failed ("skipped" is not a failure). The command that carries the
 wheels a bare GPU machine lacks is in docs/benchmarks.md ("GPU check").
 
@@ -23,7 +27,8 @@ the script goes on with the next), and each writes what it has measured so far a
 5. t4_goal_llama_8b: one DFT2 QLoRA optimizer step of a Llama-3-8B-shaped model (NF4, fp16 compute
    as on a T4, S = 1 prompt with B = 2 negatives, three 1024-token sequences, gradient checkpointing)
    with the process capped at 15 GiB by torch.cuda.set_per_process_memory_fraction: peak memory,
-   tokens/s and MFU.
+   tokens/s and MFU. One untimed warm-up step (AdamW's state, kernel choice), then T4_TIMED_STEPS
+   timed steps, of which the median is reported.
 
 Models are random-initialised at the real shapes (`common.SHAPES`) with a synthetic tokenizer of the
 right vocabulary size (`common.synthetic_tokenizer`): speed and memory do not depend on the weights,
@@ -67,6 +72,8 @@ STAGES = (
     ("t4_goal_llama_8b", "T4 goal: DFT2 QLoRA step of a Llama-3-8B shape in 15 GiB", 100),
 )
 T4_MEMORY_BYTES = 15 * 2**30  # a T4 shows 15360 MiB to PyTorch
+T4_TIMED_STEPS = 5  # after one warm-up step; about 0.8 s each on an H200, so a real median costs seconds
+RECORD = common.REPO / "docs" / "gpu_check.json"  # the committed copy of a full run's gpu_check.json
 # dense fp16/bf16 tensor-core peak (FLOP/s) for MFU; name fragments as torch.cuda.get_device_name gives them
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12,
               "T4": 65e12, "V100": 125e12}
@@ -254,9 +261,10 @@ def stage_t4_goal(args, progress: Progress):
         torch.cuda.synchronize()
         return loss.item()
 
-    seconds = []
+    seconds = []  # seconds[0]: the warm-up step, which allocates AdamW's state and picks kernels: not timed
+    timed_steps = 2 if args.tiny else T4_TIMED_STEPS
     try:
-        for number in range(3):  # the first allocates AdamW's state and picks kernels: not timed
+        for number in range(1 + timed_steps):
             started = time.perf_counter()
             loss = step()
             seconds.append(time.perf_counter() - started)
@@ -267,13 +275,14 @@ def stage_t4_goal(args, progress: Progress):
         progress.update(fits_15gib=False, out_of_memory=str(err).splitlines()[0],
                         peak_allocated_mib=torch.cuda.max_memory_allocated() / common.MIB)
         return
-    timed = sorted(seconds[1:])[len(seconds[1:]) // 2] if len(seconds) > 1 else seconds[0]
+    timed = common.median(seconds[1:])  # a real median: of timed_steps steps after the warm-up
     tokens = input_ids.numel()
     # 4·N·D: forward (2N per token) + activation gradients (2N); the frozen NF4 base gets no weight
     # gradients, and checkpointing's recomputed forward and attention's T² terms are not counted
     flops = 4 * matmul_params * tokens
     peak_flops = next((value for name, value in PEAK_FLOPS.items() if name in torch.cuda.get_device_name()), None)
-    progress.update(sequences=tuple(input_ids.shape), tokens_per_step=tokens, median_step_seconds=timed,
+    progress.update(sequences=tuple(input_ids.shape), tokens_per_step=tokens, warmup_step_seconds=seconds[0],
+                    timed_steps=len(seconds) - 1, median_step_seconds=timed,
                     tokens_per_s=tokens / timed, model_tflops_per_s=flops / timed / 1e12,
                     mfu=flops / timed / peak_flops if peak_flops else None, peak_flops_assumed=peak_flops)
 
@@ -346,6 +355,9 @@ def main():
                         help="where the random-initialised models and pools are written (16 GB for the 8B model)")
     parser.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
                         help="each stage in its own process under its time cap (auto: yes, except with --tiny)")
+    parser.add_argument("--record", default=None,
+                        help="also write gpu_check.json here, the committed copy beside docs/benchmarks.md's figures "
+                             "(default: docs/gpu_check.json on a CUDA machine without --tiny, else none; '' = none)")
     parser.add_argument("--stage", choices=list(RUNNERS), help="(internal) run one stage in this process")
     args = parser.parse_args()
     out = Path(args.out)
@@ -364,6 +376,8 @@ def main():
     if unknown:
         parser.error(f"unknown stage(s) {unknown}; choose from {list(RUNNERS)}")
     isolate = args.isolate == "yes" or (args.isolate == "auto" and not args.tiny)
+    default_record = RECORD if torch.cuda.is_available() and not args.tiny else None
+    record = Path(args.record) if args.record else (default_record if args.record is None else None)
     summary = {"tiny": args.tiny, "commit": common.commit(), "command": " ".join(sys.argv),
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "stages": [], "seconds": 0.0}
     begun = time.perf_counter()
@@ -383,6 +397,9 @@ def main():
                                   "cap_seconds": cap, "result": result})
         summary["seconds"] = time.perf_counter() - begun
         (out / "gpu_check.json").write_text(json.dumps(summary, indent=1, default=str))  # after every stage
+        if record:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps(summary, indent=1, default=str))
         (out / "gpu_check.md").write_text(markdown(summary))
     print(markdown(summary))
     sys.exit(1 if any(stage["status"].startswith("failed") for stage in summary["stages"]) else 0)

@@ -60,7 +60,13 @@ def test_tiny_gpu_check_runs_every_stage(tmp_path):
 
 def test_isolated_stage_reports_its_verdict(tmp_path):
     # the mode used on a GPU: the stage in its own process, its verdict and figures read back
-    summary, _ = run_check(tmp_path, "--isolate", "yes", "--stages", "environment")
+    committed = REPO / "docs" / "gpu_check.json"
+    before = committed.read_bytes() if committed.is_file() else None
+    record = tmp_path / "record" / "gpu_check.json"
+    summary, _ = run_check(tmp_path, "--isolate", "yes", "--stages", "environment", "--record", str(record))
     (stage,) = summary["stages"]
     assert stage["name"] == "environment" and stage["status"] == "ok"
     assert stage["result"]["versions"]["transformers"]
+    # --record gets the same raw JSON as OUT; a tiny run never touches the committed docs/gpu_check.json
+    assert json.loads(record.read_text()) == summary
+    assert (committed.read_bytes() if committed.is_file() else None) == before
