@@ -45,8 +45,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (REPO, StepMeter, commit, ensure_pool, gsm8k_data, machine, median, model_argument,  # noqa: E402
                     model_description, model_tag, on_cuda, keep_4bit_trainable, repacked_4bit, rounded, set_threads,
@@ -75,18 +73,15 @@ class AlternatingTrainer(DFTTrainer):
         self.side = side
         self.uses_u = side != "sft"
         if side in PAPER:
-            self.args.method = side  # read per step by _groups (DFT's cached log P_g0) and _loss
+            self.args.method = side  # read per step by _groups (DFT's cached log P_g0) and micro_batch_loss
             self.args.tau, self.args.gamma = PAPER[side]
             self.log_u = self.tables[side]
 
-    def _loss(self, pos_logps, pos_lengths, neg_logps, neg_lengths, *rest, group_share, token_share):
+    def micro_batch_loss(self, logps, lengths, **inputs):
         if self.side != "sft":
-            return super()._loss(pos_logps, pos_lengths, neg_logps, neg_lengths, *rest,
-                                 group_share=group_share, token_share=token_share)
-        logps = torch.cat([pos_logps[:, None], neg_logps], dim=1)  # (S_mb, 1+B), all rows as positives
-        lengths = torch.cat([pos_lengths[:, None], neg_lengths], dim=1)
-        loss, metrics = sft_loss(logps.flatten(), lengths.flatten())
-        return loss * group_share, None, metrics
+            return super().micro_batch_loss(logps, lengths, **inputs)
+        loss, metrics = sft_loss(logps.flatten(), lengths.flatten())  # (S_mb, 1+B): all rows as positives
+        return loss * inputs["group_share"], None, metrics
 
 
 def schedule(sides, rounds: int) -> list[str]:

@@ -6,6 +6,7 @@ It is not TRL's ``loss_type="dft"``, which is *Dynamic* Fine-Tuning, a different
 Every function is pure: sequence scores in, ``(loss, metrics)`` out (DFT ones also
 return the updated moving-average state ``new_log_u``). Nothing here knows about a
 model, a trainer or a config. Shapes: S prompts in the mini-batch, B negatives each.
+``method_loss`` picks a method's loss by name, as `dftlite train` does for each micro-batch.
 
 DFT objective for prompt i with positive y_i and negatives y'_ij ~ P_g0(.|x̄_i):
 
@@ -201,15 +202,6 @@ def simpo_loss(pos_logps, pos_lengths, neg_logps, neg_lengths, beta=10.0, gamma_
     return loss, _pair_metrics(chosen_rewards, rejected_rewards, margins)
 
 
-def simpo_sft_loss(
-    pos_logps, pos_lengths, neg_logps, neg_lengths, beta=10.0, gamma_beta_ratio=0.5, sft_weight=1.0
-):
-    """SimPO + sft_weight·SFT (token-level NLL of the positives). Shapes as ``simpo_loss``."""
-    simpo, metrics = simpo_loss(pos_logps, pos_lengths, neg_logps, neg_lengths, beta, gamma_beta_ratio)
-    sft, sft_metrics = sft_loss(pos_logps, pos_lengths)
-    return simpo + sft_weight * sft, {**metrics, **sft_metrics, "simpo": simpo.detach()}
-
-
 def dpo_loss(pos_logps, neg_logps, ref_pos_logps, ref_neg_logps, beta=0.1):
     """DPO: -log σ(β·((π_w - ref_w) - (π_l - ref_l))) over all (i, j) pairs.
 
@@ -234,3 +226,55 @@ def _pair_metrics(chosen_rewards, rejected_rewards, margins):
         "reward_margin": margins.detach().mean(),
         "reward_accuracy": (margins.detach() > 0).float().mean(),
     }
+
+
+# ---------------------------------------------------------------------------
+# One method's loss by name: what `dftlite train` computes for each micro-batch.
+# ---------------------------------------------------------------------------
+
+
+def method_loss(method, pos_logps, pos_lengths, neg_logps, neg_lengths, *, tau, beta, simpo_gamma_beta_ratio,
+                sft_weight, log_u_prev=None, gamma=None, neg_ref_logps=None, ref_pos_logps=None, ref_neg_logps=None,
+                group_share=1.0, token_share=1.0):
+    """The loss of `method` (dft2, dft, sft, simpo, simpo_sft or dpo) on S prompts with B negatives each.
+
+        loss = group_share·L_method + sft_weight·token_share·NLL          (NLL: ``sft_loss``)
+
+    L_method is the per-prompt mean of ``dft2_loss`` (scores: per-token means), ``dft_loss``
+    (scores: sums), ``simpo_loss`` or ``dpo_loss``; sft is token_share·NLL alone. The SFT anchor
+    term is added for dft and dft2 when sft_weight (λ) > 0, and always for simpo_sft (SimPO + λ·SFT).
+    A step cut into micro-batches sums their losses, so each term carries the micro-batch's share of
+    what the step averages over: group_share = its prompts / the step's, token_share = its positive
+    tokens / the step's. One micro-batch is the whole step: both 1.
+
+    Args:
+        pos_logps (S,), pos_lengths (S,): summed log-probs and token counts of the positives.
+        neg_logps (S, B), neg_lengths (S, B): the same of the negatives.
+        tau, beta, simpo_gamma_beta_ratio, sft_weight: the settings; each method reads its own.
+        log_u_prev (S,), gamma (float or (S,)): the u state (dft, dft2).
+        neg_ref_logps (S, B): log P_g0 of the negatives (dft).
+        ref_pos_logps (S,), ref_neg_logps (S, B): scores under the frozen reference (dpo).
+    Returns:
+        (loss, new_log_u: (S,) float64 for dft and dft2, else None, metrics).
+    """
+    new_log_u = None
+    if method == "dft2":
+        loss, new_log_u, metrics = dft2_loss(pos_logps / pos_lengths, neg_logps / neg_lengths, log_u_prev, tau, gamma)
+    elif method == "dft":
+        loss, new_log_u, metrics = dft_loss(pos_logps, neg_logps, neg_ref_logps, log_u_prev, tau, gamma)
+    elif method == "sft":
+        loss, metrics = sft_loss(pos_logps, pos_lengths)
+        return loss * token_share, None, metrics
+    elif method == "dpo":
+        loss, metrics = dpo_loss(pos_logps, neg_logps, ref_pos_logps, ref_neg_logps, beta)
+    elif method in ("simpo", "simpo_sft"):
+        loss, metrics = simpo_loss(pos_logps, pos_lengths, neg_logps, neg_lengths, beta, simpo_gamma_beta_ratio)
+        if method == "simpo_sft":
+            metrics["simpo"] = loss.detach()
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    loss = loss * group_share
+    if method == "simpo_sft" or (sft_weight and method in ("dft", "dft2")):
+        sft, sft_metrics = sft_loss(pos_logps, pos_lengths)  # token-level over the step's positives, like sft
+        loss, metrics = loss + sft_weight * sft * token_share, {**metrics, **sft_metrics}
+    return loss, new_log_u, metrics

@@ -44,7 +44,7 @@ from dftlite.draws import (Group, IndexDataset, NegativeDraws, Split, check_whol
                            epochs_planned, load_split, micro_batches, pad_groups)
 from dftlite.estimators import LogUTable
 from dftlite.logprobs import sequence_logprobs
-from dftlite.losses import dft2_loss, dft_loss, dpo_loss, simpo_loss, sft_loss
+from dftlite.losses import method_loss
 from dftlite.models import ModelConfig, load_model, sampler_view
 from dftlite.outputs import (SaveOnInterrupt, checkpoint_guard, disk_full_guard, incomplete_checkpoint_message,
                              last_complete_checkpoint, load_dft_state, output_lock, save_dft_state, staged_directory,
@@ -205,20 +205,19 @@ class DFTTrainer(Trainer):
             mb_groups = [groups[g] for g in members]
             input_ids, attention_mask, completion_mask = pad_groups(mb_groups, self.pad_id, device)
             rows = len(mb_groups[0].completions)  # 1 + B
-            reference = None
+            ref_logps = None
             if args.method == "dpo":  # π_ref = the frozen base: adapters off, no grad
                 unwrapped = self.accelerator.unwrap_model(model)
                 with torch.no_grad(), sampler_view(unwrapped):
-                    reference = sequence_logprobs(unwrapped, input_ids, attention_mask, completion_mask)[0].view(-1, rows)
+                    ref_logps = sequence_logprobs(unwrapped, input_ids, attention_mask, completion_mask)[0].view(-1, rows)
             last = number == len(batches) - 1
             sync = contextlib.nullcontext() if last or not train else self.accelerator.no_sync(model)
             with sync:
                 logps, lengths = self._sequence_logprobs(model, input_ids, attention_mask, completion_mask)
                 logps, lengths = logps.view(-1, rows), lengths.view(-1, rows).to(logps.dtype)  # (S_mb, 1+B)
-                loss, mb_log_u, metrics = self._loss(
-                    logps[:, 0], lengths[:, 0], logps[:, 1:], lengths[:, 1:],
-                    torch.tensor([g.neg_ref_logps for g in mb_groups], dtype=torch.float64, device=device),
-                    reference, log_u_prev[members], gamma[members],
+                loss, mb_log_u, metrics = self.micro_batch_loss(
+                    logps, lengths, ref_logps=ref_logps, log_u_prev=log_u_prev[members], gamma=gamma[members],
+                    neg_ref_logps=torch.tensor([g.neg_ref_logps for g in mb_groups], dtype=torch.float64, device=device),
                     group_share=len(members) / num_prompts,
                     token_share=sum(len(g.completions[0]) for g in mb_groups) / positive_tokens,
                 )
@@ -245,34 +244,18 @@ class DFTTrainer(Trainer):
             with scoring_as_forward(unwrapped):
                 return model(input_ids, attention_mask, completion_mask)
 
-    def _loss(self, pos_logps, pos_lengths, neg_logps, neg_lengths, neg_ref_logps, reference, log_u_prev, gamma,
-              group_share, token_share):
-        """One micro-batch's share of the step loss, its (S_mb,) new log u (DFT/DFT2) and metrics.
+    def micro_batch_loss(self, logps, lengths, *, ref_logps, log_u_prev, gamma, neg_ref_logps, group_share, token_share):
+        """One micro-batch's share of the step loss: `losses.method_loss` with this run's settings.
 
-        pos_* (S_mb,), neg_* (S_mb, B): summed log-probs and lengths; reference (S_mb, 1+B) for DPO."""
-        args, method = self.args, self.args.method
-        if method in ("dft", "dft2"):
-            if method == "dft2":
-                loss, new_log_u, metrics = dft2_loss(pos_logps / pos_lengths, neg_logps / neg_lengths, log_u_prev, args.tau, gamma)
-            else:
-                loss, new_log_u, metrics = dft_loss(pos_logps, neg_logps, neg_ref_logps, log_u_prev, args.tau, gamma)
-            loss = loss * group_share
-            if args.sft_weight:  # the SFT anchor λ·NLL: token-level over the step's positives, like method sft
-                sft, sft_metrics = sft_loss(pos_logps, pos_lengths)
-                loss, metrics = loss + args.sft_weight * sft * token_share, {**metrics, **sft_metrics}
-            return loss, new_log_u, metrics
-        if method == "sft":
-            loss, metrics = sft_loss(pos_logps, pos_lengths)
-            return loss * token_share, None, metrics
-        if method == "dpo":
-            loss, metrics = dpo_loss(pos_logps, neg_logps, reference[:, 0], reference[:, 1:], args.beta)
-            return loss * group_share, None, metrics
-        simpo, metrics = simpo_loss(pos_logps, pos_lengths, neg_logps, neg_lengths, args.beta, args.simpo_gamma_beta_ratio)
-        if method == "simpo":
-            return simpo * group_share, None, metrics
-        sft, sft_metrics = sft_loss(pos_logps, pos_lengths)  # simpo_sft: as losses.simpo_sft_loss, split by shares
-        loss = simpo * group_share + args.sft_weight * sft * token_share
-        return loss, None, {**metrics, **sft_metrics, "simpo": simpo.detach()}
+        logps, lengths: (S_mb, 1+B) summed log-probs and token counts, the positive first; ref_logps: the
+        same under the frozen reference (DPO), else None. Returns (loss, (S_mb,) new log u or None, metrics).
+        benchmarks/step_cost.py overrides it to time another objective on the same sequences."""
+        args = self.args
+        ref_pos, ref_neg = (None, None) if ref_logps is None else (ref_logps[:, 0], ref_logps[:, 1:])  # (S_mb,), (S_mb, B)
+        return method_loss(args.method, logps[:, 0], lengths[:, 0], logps[:, 1:], lengths[:, 1:],
+                           tau=args.tau, beta=args.beta, simpo_gamma_beta_ratio=args.simpo_gamma_beta_ratio,
+                           sft_weight=args.sft_weight, log_u_prev=log_u_prev, gamma=gamma, neg_ref_logps=neg_ref_logps,
+                           ref_pos_logps=ref_pos, ref_neg_logps=ref_neg, group_share=group_share, token_share=token_share)
 
     def _check_finite(self, groups: list[Group], logps, loss, new_log_u, train: bool):
         checks = [logps.detach().flatten(), loss.detach().flatten().to(logps.dtype)]

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dftlite import trainer as trainer_module
+from dftlite import losses
 from dftlite.config import ConfigError
 from dftlite.trainer import NonFiniteLossError, train
 from faults.common import (
@@ -114,14 +114,14 @@ def test_resume_last_skips_a_half_written_checkpoint(workspace, reference_run, t
 def test_nan_loss_stops_with_the_last_good_checkpoint_kept(workspace, reference_run, tmp_path, monkeypatch):
     ws, run_dir = workspace, tmp_path / "run"
     calls = []
-    real_loss = trainer_module.dft2_loss
+    real_loss = losses.dft2_loss
 
     def nan_at_step_3(*args, **kwargs):
         loss, new_log_u, metrics = real_loss(*args, **kwargs)
         calls.append(1)  # one micro-batch per step
         return (loss * float("nan"), new_log_u, metrics) if len(calls) == 3 else (loss, new_log_u, metrics)
 
-    monkeypatch.setattr(trainer_module, "dft2_loss", nan_at_step_3)
+    monkeypatch.setattr(losses, "dft2_loss", nan_at_step_3)  # method_loss calls it for method dft2
     with pytest.raises(NonFiniteLossError, match=r"step 3: non-finite loss.*Last good checkpoint: .*checkpoint-2"):
         train(model_config(ws["model_dir"]), data_config(ws), dft_config(ws, run_dir))
     saved = checkpoints(run_dir)
