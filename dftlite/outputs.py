@@ -12,11 +12,9 @@ Every output of dftlite is either complete or absent, and only one run writes it
   pool) that a kill leaves with at most a partial last line, and a failed write leaves as it was.
 - `disk_full_error`, `disk_full_guard`: a full disk is an OSError(ENOSPC) that names what could
   not be written, whatever library's error type reported it.
-- Checkpoints of `dftlite train`: `is_complete_checkpoint`, `last_complete_checkpoint`,
-  `checkpoint_guard` (a save that fails leaves no checkpoint that looks resumable) and
-  `SaveOnInterrupt` (Ctrl-C: save at the end of this step, then stop).
 
-Nothing here knows about models, losses or configs; it imports no other dftlite module.
+Training checkpoints are `dftlite.checkpoints`. Nothing here knows about models, losses or
+configs; it imports no other dftlite module.
 """
 
 from __future__ import annotations
@@ -27,21 +25,14 @@ import fcntl
 import json
 import os
 import shutil
-import signal
 import socket
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
 
-from transformers import TrainerCallback
-
 LOCK_FILE = ".dftlite.lock"  # .<name>.dftlite.lock next to the locked directory
 NEARLY_FULL = 1 << 20  # bytes: a write that failed with less than this free is put down to a full disk
-DFT_STATE, DFT_STATE_META = "dft_state.safetensors", "dft_state.json"  # a checkpoint's u table and draw state
-TRAINER_STATE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME: written last, marks a checkpoint whole
-CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
 
 
 class OutputInUseError(OSError):
@@ -315,113 +306,3 @@ def move_tail_aside(path: str | Path, offset: int) -> Path:
         source.flush()
         os.fsync(source.fileno())
     return aside
-
-
-# ---------------------------------------------------------------------------------------------
-# Training checkpoints.
-
-
-def is_complete_checkpoint(directory) -> bool:
-    """Whether a checkpoint was saved to the end: its trainer_state.json, written last, parses. A kill or
-    a full disk during the save leaves a directory without it (or with half of it)."""
-    directory = Path(directory)
-    if not ((directory / DFT_STATE).is_file() and (directory / DFT_STATE_META).is_file()):
-        return False
-    try:
-        json.loads((directory / TRAINER_STATE).read_text())
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def last_complete_checkpoint(output_dir) -> str | None:
-    """The complete checkpoint-N of output_dir with the highest N, or None."""
-    prefix = f"{CHECKPOINT_PREFIX}-"
-    steps = sorted((int(p.name[len(prefix):]), p) for p in Path(output_dir).glob(f"{prefix}*") if p.name[len(prefix):].isdigit())
-    return next((str(path) for _, path in reversed(steps) if is_complete_checkpoint(path)), None)
-
-
-def incomplete_checkpoint_message(checkpoint: str | Path) -> str | None:
-    """Why `checkpoint` cannot be resumed from, and which checkpoint can; None when it is complete."""
-    if is_complete_checkpoint(checkpoint):
-        return None
-    last = last_complete_checkpoint(Path(checkpoint).parent)
-    return (f"{checkpoint} is an incomplete checkpoint (the run stopped while saving it, or it is not a "
-            f"`dftlite train` checkpoint). Resume from {last or 'the start: there is no complete checkpoint'}"
-            + (" (--resume_from_checkpoint last)" if last else ""))
-
-
-def save_dft_state(directory: str | Path, tensors: dict, meta: dict):
-    """dft_state.safetensors (`tensors`) + dft_state.json (`meta`, what the state is valid for), each whole."""
-    directory = make_dir(directory, "checkpoint directory")
-    write_tensors_atomic(directory / DFT_STATE, tensors)
-    write_text_atomic(directory / DFT_STATE_META, json.dumps(meta, indent=2) + "\n")
-
-
-def load_dft_state(directory: str | Path, expected_meta: dict) -> dict:
-    """The tensors of `save_dft_state`; ValueError when its meta differs from `expected_meta`."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    if not (directory / DFT_STATE).is_file() or not (directory / DFT_STATE_META).is_file():
-        raise FileNotFoundError(f"{directory} has no {DFT_STATE}/{DFT_STATE_META}: not a `dftlite train` checkpoint")
-    saved = json.loads((directory / DFT_STATE_META).read_text())
-    diffs = [f"{k} (checkpoint: {saved.get(k)!r}, now: {v!r})" for k, v in expected_meta.items() if saved.get(k) != v]
-    if diffs:
-        raise ValueError(f"cannot resume from {directory}: it was made with other settings: " + "; ".join(diffs))
-    return load_file(str(directory / DFT_STATE))
-
-
-@contextlib.contextmanager
-def checkpoint_guard(checkpoint: str | Path, owner: bool):
-    """Around a checkpoint save: whatever stops it (a full disk, a second Ctrl-C), leave no checkpoint that
-    looks resumable, and report a full disk as such. owner: this process writes the checkpoint."""
-    try:
-        yield
-    except BaseException as err:
-        if owner and not is_complete_checkpoint(checkpoint):
-            shutil.rmtree(checkpoint, ignore_errors=True)
-        full = disk_full_error(err, checkpoint, "checkpoint") if isinstance(err, Exception) else None
-        if full is not None:
-            raise full from err
-        raise
-
-
-class SaveOnInterrupt(TrainerCallback):
-    """Ctrl-C: finish the current step, save a checkpoint, stop. A second Ctrl-C aborts at once.
-
-    With several processes the signal may reach only some of them, or reach them in different
-    steps; each step's all-gather (`DFTTrainer._sync_state`) sets `agreed` on every process, and
-    all act on that, so they stop at the same step instead of leaving the others in a collective."""
-
-    def __init__(self):
-        self.requested, self.stopped_at, self._previous, self._installed = False, None, None, False
-        self.agreed = None  # None: one process, act on `requested`
-
-    def install(self):
-        self.requested, self.stopped_at, self.agreed = False, None, None
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self._previous = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
-
-    def uninstall(self):
-        if self._installed:
-            self._restore()
-            self._installed = False
-
-    def _restore(self):
-        # getsignal gives None for a handler not set from Python: fall back to the default
-        signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        self._restore()  # the next Ctrl-C is the ordinary one
-        sys.stderr.write("\nInterrupt: saving a checkpoint after this step, then stopping (Ctrl-C again to abort now)\n")
-
-    def on_step_end(self, args, state, control, **kwargs):
-        requested = self.requested if self.agreed is None else self.agreed
-        if requested and self.stopped_at is None:
-            control.should_save = control.should_training_stop = True
-            self.stopped_at = state.global_step
-        return control

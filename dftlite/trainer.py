@@ -37,6 +37,8 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from dftlite.checkpoints import (SaveOnInterrupt, checkpoint_guard, incomplete_checkpoint_message, last_complete_checkpoint,
+                                 load_dft_state, save_dft_state)
 from dftlite.config import ConfigError
 from dftlite.data import DataConfig, load_data
 from dftlite.dft_config import DFTConfig, schedule_problem
@@ -46,9 +48,7 @@ from dftlite.estimators import LogUTable
 from dftlite.logprobs import sequence_logprobs
 from dftlite.losses import method_loss
 from dftlite.models import ModelConfig, load_model, sampler_view
-from dftlite.outputs import (SaveOnInterrupt, checkpoint_guard, disk_full_guard, incomplete_checkpoint_message,
-                             last_complete_checkpoint, load_dft_state, output_lock, save_dft_state, staged_directory,
-                             write_text_atomic)  # keeping outputs whole: one module for every command
+from dftlite.outputs import disk_full_guard, output_lock, staged_directory, write_text_atomic
 
 logger = logging.getLogger(__name__)
 STATE_FORMAT_VERSION = 1

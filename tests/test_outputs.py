@@ -7,16 +7,9 @@ import json
 import os
 
 import pytest
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from dftlite import outputs
 from dftlite.outputs import (OutputInUseError, append_lines, check_not_being_written, complete_lines, cut_partial_line,
                              lock_path, move_tail_aside, output_lock, staged_directory, write_text_atomic)
-
-
-def test_checkpoint_names_are_the_trainers():
-    assert outputs.TRAINER_STATE == TRAINER_STATE_NAME and outputs.CHECKPOINT_PREFIX == PREFIX_CHECKPOINT_DIR
 
 
 def test_a_second_lock_is_refused_and_names_the_holder(tmp_path):
