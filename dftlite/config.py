@@ -22,8 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-# Output integrity lives in dftlite.outputs; these names are kept here for code that imports them from config.
-from dftlite.outputs import disk_full_error, make_dir, write_text_atomic  # noqa: F401
+from dftlite.outputs import make_dir, write_text_atomic
 
 
 class ConfigError(ValueError):
