@@ -218,7 +218,8 @@ def gsm8k_data(num_prompts: int, max_length: int):
 
 def ensure_pool(model_config, data_config, pool_dir: Path, num_negatives: int, max_new_tokens: int, model, tokenizer):
     """Sample (or reuse) the negatives of the benchmark prompts with the benchmark model itself."""
-    from dftlite.sampling import PoolMismatchError, SampleConfig, sample_pool
+    from dftlite.pool import PoolMismatchError
+    from dftlite.sampling import SampleConfig, sample_pool
 
     config = SampleConfig(pool_dir=str(pool_dir), num_negatives=num_negatives, max_new_tokens=max_new_tokens)
     try:

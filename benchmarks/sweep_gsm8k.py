@@ -179,7 +179,7 @@ class Inputs:
 def teacher_forced(model, tokenizer, inputs: Inputs, dev_pool: str) -> dict:
     from dftlite.data import load_data
     from dftlite.evaluate import discrimination
-    from dftlite.sampling import load_pool
+    from dftlite.pool import load_pool
 
     _, records = load_pool(dev_pool)
     result = discrimination(model, tokenizer, load_data(inputs.dev_data), records, inputs.dev_data.template, 16)

@@ -12,7 +12,7 @@ import math
 import statistics
 import sys
 
-from dftlite.sampling import load_pool
+from dftlite.pool import load_pool
 
 
 def log_mean_exp(values):

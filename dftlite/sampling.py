@@ -7,8 +7,8 @@ The sampler is `sampler_view(model)`: the same loaded (possibly 4-bit) model, ad
 
     dftlite sample --config configs/smollm2-135m_gsm8k_dft2_cpu.yaml
 
-The pool's files, how they stay whole, resume and get repaired: `dftlite.pool` (its names are
-importable from here too). `sample_pool` holds the pool's lock for the run.
+The pool's files, how they stay whole, resume and get repaired: `dftlite.pool`. `sample_pool`
+holds the pool's lock for the run.
 
 Sampling is seeded per (seed, id, k), so a completion does not depend on the batch it ran in, with
 one caveat: padded, batched matmuls differ from unbatched ones in the last bits of the logits, so
@@ -30,10 +30,7 @@ from dftlite.config import save_resolved_config
 from dftlite.data import DataConfig, DataError, encode_prompt, load_data, render_prompt
 from dftlite.models import ModelConfig, load_model, model_fingerprint, plain_generation_config, sampler_view, stop_token_ids
 from dftlite.outputs import make_dir, output_lock
-from dftlite.pool import (  # noqa: F401 (the pool's names, importable from dftlite.sampling as before)
-    FORMAT_VERSION, META_FILE, POOL_FILE, SAMPLING_KEYS, PoolCorruptError, PoolMismatchError, append_records,
-    check_pool_compatible, load_pool, negatives_for, open_pool, pool_settings, read_pool, repair_pool,
-)
+from dftlite.pool import FORMAT_VERSION, POOL_FILE, append_records, open_pool, pool_settings
 
 # batch_size=0: rows per generate call such that rows * (longest prompt + max_new_tokens) stays
 # within this many tokens of KV cache (SmolLM2-135M fp32: ~46 KB/token, so ~0.4 GB on CPU).

@@ -13,7 +13,8 @@ from dftlite import evaluate as evaluate_module
 from dftlite.data import DataConfig, Example, load_data
 from dftlite.evaluate import EvalConfig, accuracy, discrimination, evaluate, extract_answer, greedy_generate
 from dftlite.models import ModelConfig, load_base_model, load_model
-from dftlite.sampling import SampleConfig, load_pool, sample_pool
+from dftlite.pool import load_pool
+from dftlite.sampling import SampleConfig, sample_pool
 
 NUM_POOL_EXAMPLES = 3
 

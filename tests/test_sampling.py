@@ -17,15 +17,8 @@ from conftest import write_jsonl
 from dftlite import sampling
 from dftlite.data import DataConfig, DataError, encode_prompt
 from dftlite.models import ModelConfig, load_model
-from dftlite.sampling import (
-    PoolMismatchError,
-    SampleConfig,
-    SeededSampler,
-    check_pool_compatible,
-    load_pool,
-    negatives_for,
-    sample_pool,
-)
+from dftlite.pool import PoolMismatchError, check_pool_compatible, load_pool, negatives_for
+from dftlite.sampling import SampleConfig, SeededSampler, sample_pool
 
 SETTINGS = dict(num_negatives=4, max_new_tokens=12, temperature=0.7, top_k=50)
 EOS_BIAS = 1.0  # P(EOS) ≈ 8% per step on the near-uniform tiny model: a mix of "eos" and "length"

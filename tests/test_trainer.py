@@ -19,7 +19,8 @@ from dftlite.config import parse_args
 from dftlite.data import DataConfig, DataError
 from dftlite.draws import Group, micro_batches, pad_groups
 from dftlite.models import ModelConfig, load_model
-from dftlite.sampling import PoolMismatchError, SampleConfig, sample_pool
+from dftlite.pool import PoolMismatchError
+from dftlite.sampling import SampleConfig, sample_pool
 from dftlite.trainer import DFTConfig, DFTTrainer, NonFiniteLossError, build_trainer, train
 
 TRAIN_PAIRS = [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4), (6, 1), (8, 3)]

@@ -17,7 +17,8 @@ from conftest import write_jsonl
 from dftlite.cli import main
 from dftlite.data import DataConfig
 from dftlite.models import load_model
-from dftlite.sampling import PoolMismatchError, SampleConfig, load_pool, sample_pool
+from dftlite.pool import PoolMismatchError, load_pool
+from dftlite.sampling import SampleConfig, sample_pool
 from faults.common import MODEL_SETTINGS, flags, model_config
 
 SETTINGS = dict(num_negatives=3, max_new_tokens=6, batch_size=1)  # batch_size=1: a resample is bit for bit the same

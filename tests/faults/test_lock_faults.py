@@ -21,7 +21,8 @@ from dftlite.cli import main
 from dftlite.data import DataConfig
 from dftlite.export import ExportConfig, export
 from dftlite.outputs import OutputInUseError, lock_path, output_lock
-from dftlite.sampling import SampleConfig, load_pool, sample_pool
+from dftlite.pool import load_pool
+from dftlite.sampling import SampleConfig, sample_pool
 from dftlite.trainer import train
 from faults.common import MODEL_SETTINGS, dft_config, flags, log_text, model_config, signal_when, start_cli
 

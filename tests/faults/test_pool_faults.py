@@ -16,7 +16,8 @@ from conftest import make_tiny_model_dir
 from dftlite.data import DataConfig
 from dftlite.evaluate import EvalConfig, evaluate
 from dftlite.models import load_model
-from dftlite.sampling import PoolMismatchError, SampleConfig, sample_pool
+from dftlite.pool import PoolMismatchError
+from dftlite.sampling import SampleConfig, sample_pool
 from dftlite.trainer import build_trainer
 from faults.common import POOL_SETTINGS, dft_config, model_config
 

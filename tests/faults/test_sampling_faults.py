@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 from conftest import write_jsonl
 
-from dftlite import outputs, sampling
+from dftlite import outputs
 from dftlite.data import DataConfig
 from dftlite.models import load_model
-from dftlite.sampling import SampleConfig, load_pool, sample_pool
+from dftlite.pool import POOL_FILE, load_pool
+from dftlite.sampling import SampleConfig, sample_pool
 from faults.common import (
     HUB_TOKEN,
     MODEL_SETTINGS,
@@ -139,7 +140,7 @@ def test_full_disk_leaves_whole_batches_and_resumes(job, tmp_path, monkeypatch, 
 
             def filling_open(path, mode="r", *args, **kwargs):
                 handle = open(path, mode, *args, **kwargs)
-                return FillingFile(handle, room) if Path(path).name == sampling.POOL_FILE and "a" in mode else handle
+                return FillingFile(handle, room) if Path(path).name == POOL_FILE and "a" in mode else handle
 
             monkeypatch.setattr(outputs, "open", filling_open, raising=False)  # the pool's appends are outputs.append_lines
         with pytest.raises(OSError) as error:
