@@ -296,24 +296,6 @@ def test_card_metadata_passes_the_hub_parser(model_config, run_dir, tmp_path):
     assert merged["library_name"] == "transformers" and f"base_model:finetune:{TINY_ID}" in merged["tags"]
 
 
-def test_embedded_alias_records_smollm2_and_its_license():
-    from dftlite.model_card import base_license, resolve_base_id
-
-    assert resolve_base_id("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert base_license("smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct") == "apache-2.0"
-    assert resolve_base_id("mistralai/Mistral-7B-v0.1") == "mistralai/Mistral-7B-v0.1"
-
-
-def test_license_comes_from_the_base_card(tiny_model_dir, tmp_path):
-    import shutil
-
-    from dftlite.model_card import base_license
-
-    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
-    (base / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
-    assert base_license(str(base), TINY_ID) == "mit"
-
-
 def test_local_base_without_hub_id_asks_for_base_model_id(model_config, run_dir, tmp_path):
     import shutil
 

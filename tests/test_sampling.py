@@ -183,19 +183,6 @@ def test_resume_after_kill(tiny, data_file, reference_pool, tmp_path, monkeypatc
     assert pool_tokens(pool_dir) == pool_tokens(reference_pool[0])
 
 
-def test_corrupt_complete_line_is_an_error(reference_pool, tmp_path):
-    pool_dir = tmp_path / "pool"
-    pool_dir.mkdir()
-    (pool_dir / "meta.json").write_bytes((reference_pool[0] / "meta.json").read_bytes())
-    lines = (reference_pool[0] / "pool.jsonl").read_text().splitlines(keepends=True)
-    (pool_dir / "pool.jsonl").write_text(lines[0] + "not json\n" + lines[1])
-    with pytest.raises(ValueError, match=r"pool.jsonl:2: corrupt"):
-        load_pool(pool_dir)
-    (pool_dir / "pool.jsonl").write_text(lines[0] + lines[0])
-    with pytest.raises(ValueError, match="duplicate record"):
-        load_pool(pool_dir)
-
-
 def test_num_negatives_can_grow_not_shrink(tiny, data_file, reference_pool, tmp_path):
     pool_dir = tmp_path / "pool"
     run(tiny, data_file, pool_dir, num_negatives=2, score_train_prompt=True)

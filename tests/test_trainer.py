@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import REPO, write_jsonl
 from dftlite.config import parse_args
 from dftlite.data import DataConfig, DataError
-from dftlite.draws import Group, micro_batches, pad_groups
+from dftlite.draws import pad_groups
 from dftlite.models import ModelConfig, load_model
 from dftlite.pool import PoolMismatchError
 from dftlite.sampling import SampleConfig, sample_pool
@@ -242,15 +242,6 @@ def test_micro_batches_and_accumulation_give_the_same_step(workspace, tmp_path):
     for history, adapter in zip(histories[1:], adapters[1:]):
         assert history == pytest.approx(histories[0], rel=1e-5)
         assert all(torch.allclose(adapter[n], adapters[0][n], atol=1e-6) for n in adapter)
-
-
-def test_micro_batches_keep_groups_whole():
-    groups = [Group(str(i), [1] * 5, [[2] * length] * 3, []) for i, length in enumerate([10, 2, 30, 4])]
-    batches = micro_batches(groups, token_budget=60)
-    assert sorted(g for batch in batches for g in batch) == [0, 1, 2, 3]
-    for batch in batches:  # within budget, except a group that alone exceeds it
-        assert len(batch) == 1 or 3 * len(batch) * max(groups[g].longest for g in batch) <= 60
-    assert micro_batches(groups, token_budget=0) == [[0, 1, 2, 3]]
 
 
 def test_shipped_train_config_parses():
