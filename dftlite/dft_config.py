@@ -15,7 +15,20 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
-METHODS = ("dft2", "dft", "sft", "simpo", "simpo_sft", "dpo")
+# Method -> the loss settings it reads -> their default for that method (None: the field's own default).
+# DFTConfig fills an unset tau, gamma, beta or sft_weight from here, and refuses an sft_weight for a method
+# that does not read it; the model card shows a method's settings and leaves out the others.
+METHOD_SETTINGS = {
+    "dft2": {"tau": 0.3, "gamma": 0.9, "u_init": None, "sft_weight": 2.5},
+    "dft": {"tau": 1.0, "gamma": 0.85, "u_init": None, "reference": None, "sft_weight": 0.0},
+    "sft": {},
+    "simpo": {"beta": 10.0, "simpo_gamma_beta_ratio": None},
+    "simpo_sft": {"beta": 10.0, "simpo_gamma_beta_ratio": None, "sft_weight": 1.0},
+    "dpo": {"beta": 0.1},
+}
+METHODS = tuple(METHOD_SETTINGS)
+# What an unset tau, gamma, beta or sft_weight becomes for a method that does not read it.
+UNREAD_DEFAULTS = {"tau": 1.0, "gamma": 0.9, "beta": 10.0, "sft_weight": 0.0}
 # A linear warmup's first step runs at learning rate 0 (transformers: lr = step / warmup at step 0), so a
 # fractional warmup costs a short run a real share of its updates: 1 of the demo's 8. Below this many
 # optimizer steps a fractional warmup is skipped; from 20 on it wastes at most 1 step in 20.
@@ -131,16 +144,14 @@ class DFTConfig(TrainingArguments):
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.tau is None:
-            self.tau = {"dft": 1.0, "dft2": 0.3}.get(self.method, 1.0)
-        if self.gamma is None:
-            self.gamma = {"dft": 0.85, "dft2": 0.9}.get(self.method, 0.9)
-        if self.sft_weight is None:
-            self.sft_weight = {"dft2": 2.5, "simpo_sft": 1.0}.get(self.method, 0.0)
-        if self.sft_weight and self.method not in ("dft", "dft2", "simpo_sft"):
-            raise ValueError(f"sft_weight applies to dft, dft2 and simpo_sft, not to method {self.method!r}")
-        if self.beta is None:
-            self.beta = 0.1 if self.method == "dpo" else 10.0
+        settings = METHOD_SETTINGS[self.method]
+        for name, unread in UNREAD_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, settings.get(name, unread))
+        if self.sft_weight and "sft_weight" not in settings:
+            readers = sorted(method for method, read in METHOD_SETTINGS.items() if "sft_weight" in read)
+            raise ValueError(f"sft_weight applies to {', '.join(readers[:-1])} and {readers[-1]}, "
+                             f"not to method {self.method!r}")
         if not (self.tau > 0 and math.isfinite(self.tau)):
             raise ValueError(f"tau must be > 0, got {self.tau}")
         if not 0.0 < self.gamma <= 1.0:

@@ -26,6 +26,7 @@ import re
 from pathlib import Path
 
 from dftlite.config import ConfigError
+from dftlite.dft_config import METHOD_SETTINGS
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +52,6 @@ CARD_DATA_KEYS = ("data_path", "data_format", "data_split", "template", "max_len
                   "eval_data_path", "eval_pool_dir")
 CARD_SKIP_KEYS = ("model_name_or_path", "cache_dir", "output_dir", "logging_dir", "trust_remote_code",
                   "resume_from_checkpoint", "base_model_id")
-# Settings that only some methods use (dft_config.py's help texts); the card leaves out the others.
-METHOD_ONLY_KEYS = {
-    "tau": ("dft", "dft2"), "gamma": ("dft", "dft2"), "u_init": ("dft", "dft2"), "reference": ("dft",),
-    "beta": ("simpo", "simpo_sft", "dpo"), "simpo_gamma_beta_ratio": ("simpo", "simpo_sft"), "sft_weight": ("simpo_sft",),
-}
 METHOD_NAMES = {"dft2": "DFT2", "dft": "DFT", "sft": "SFT", "simpo": "SimPO", "simpo_sft": "SimPO+SFT", "dpo": "DPO"}
 METHOD_NOTES = {
     "dft2": "DFT2, the paper's practical variant: a sequence's score is its mean token log-probability.",
@@ -188,12 +184,13 @@ def _hyperparameters(training_config: dict | None, adapter_config: dict) -> dict
 
     training_args = {f.name for f in dataclasses.fields(TrainingArguments)}
     method = training_config.get("method")
+    loss_settings = {name for read in METHOD_SETTINGS.values() for name in read}  # only some methods read these
     return {
         key: value for key, value in sorted(training_config.items())
         if value is not None and key not in CARD_SKIP_KEYS and key not in CARD_DATA_KEYS
         and (key not in training_args or key in CARD_TRAINING_ARGS) and not key.endswith("_token")
         and not (isinstance(value, str) and _is_machine_path(value))
-        and (method is None or method in METHOD_ONLY_KEYS.get(key, (method,)))
+        and (method is None or key not in loss_settings or key in METHOD_SETTINGS.get(method, {}))
     }
 
 
