@@ -77,6 +77,18 @@ TINY_HUB_ID = "dftlite-test/tiny-llama"
 TINY_REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """torch on one thread for the whole run. The matrices are tiny: with other jobs on 2 cores, OpenMP
+    threads mostly wait on each other. And the fault suite compares its in-process runs with its
+    subprocesses (OMP_NUM_THREADS=1) bit for bit, so its package fixtures must already run on one thread:
+    a session fixture is set up before them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A local HF directory: 2-layer Llama, hidden 64, with a real BPE tokenizer and chat template.

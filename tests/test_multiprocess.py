@@ -129,15 +129,6 @@ if __name__ == "__main__":
 # ---- the tests ------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matrices: with other jobs on the 2 cores, OpenMP threads mostly wait on each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
     """Pools, the 2-process launch, and the 1-process run of the same global batch (S = 4)."""

@@ -21,7 +21,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from conftest import REPO
@@ -46,15 +45,6 @@ COMMAND_TYPES = {  # as dftlite/cli.py parses each command
 # What decides which examples a pool holds and how their prompts look: a pool must match its reader here.
 POOL_DATA_FIELDS = ("data_path", "data_format", "data_split", "template", "max_examples", "keep_calculator_annotations")
 HARDWARE = re.compile(r"sized for\b.*\b(CPU|GPU|T4|A100|H100|\d+ ?GB)", re.IGNORECASE)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matrices: with other jobs on the 2 cores, OpenMP threads mostly wait on each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- (a) recipes --------------------------------------------------------------------------

@@ -31,15 +31,6 @@ def _rows(pairs):
     return [{"prompt": f"What is {a} + {b}?", "completion": f"{a} + {b} = {a + b}"} for a, b in pairs]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matrices: with other jobs on the 2 cores, OpenMP threads mostly wait on each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def workspace(tiny_model_dir, tmp_path_factory):
     """Training data (8 pairs) with a pool of 8 negatives each (with logp_train_prompt), and

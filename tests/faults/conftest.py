@@ -4,22 +4,12 @@ with a checkpoint after every step, which killed, interrupted and poisoned runs 
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import write_jsonl
 
 from dftlite.models import load_model
 from dftlite.sampling import SampleConfig, sample_pool
 from dftlite.trainer import train
 from faults.common import POOL_SETTINGS, TRAIN_PAIRS, data_config, dft_config, model_config, rows
-
-
-@pytest.fixture(autouse=True, scope="package")
-def one_thread():
-    # as tests/test_trainer.py, and as the subprocesses (OMP_NUM_THREADS=1): the same sums, bit for bit
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="package")
