@@ -1,14 +1,15 @@
-"""Shared parts of the training-step benchmarks (`step_cost.py`, `vs_trl_dpo.py`); not run on its own.
+"""Shared parts of the benchmarks; not run on its own.
 
-- the machine and commit every figure is reported with;
+- the machine and commit every figure is reported with (every benchmark);
 - the benchmark model: the embedded SmolLM2-135M-Instruct, or its first `layers` decoder
   layers with the real embeddings, vocabulary (49152) and tokenizer, saved once under the
   work directory (2 shared CPU cores are too slow for the full 30 layers: ~70-120 s per step);
 - the GSM8K prompts and a negative pool sampled from the benchmark model itself;
+- peak memory (`reset_peak`, then `peak`): on CUDA `torch.cuda.max_memory_allocated`, on CPU the
+  kernel's resident-set high-water mark (VmHWM), reset through /proc/self/clear_refs (tracemalloc
+  does not see PyTorch's CPU allocations); `logprob_memory.py` measures one forward + backward so;
 - `StepMeter`, a Trainer callback that times each optimizer step (forward, backward, clip,
-  optimizer, scheduler) and records its peak memory: on CUDA `torch.cuda.max_memory_allocated`,
-  on CPU the kernel's resident-set high-water mark (VmHWM), reset through /proc/self/clear_refs
-  at the start of the step (tracemalloc does not see PyTorch's CPU allocations).
+  optimizer, scheduler) and records its peak memory (`step_cost.py`, `vs_trl_dpo.py`).
 """
 
 from __future__ import annotations
@@ -45,11 +46,12 @@ def machine() -> dict:
 
 
 def commit() -> str:
-    """`git rev-parse --short HEAD`, with "+dirty" when the working tree has uncommitted changes."""
+    """`git rev-parse --short HEAD`, with "+uncommitted" when the code that made a figure (dftlite/ or
+    benchmarks/) has uncommitted changes; edits elsewhere (docs, results) do not change a figure."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+dirty" if git("status", "--porcelain") else "")
+    return head + ("+uncommitted" if git("status", "--porcelain", "dftlite", "benchmarks") else "")
 
 
 def on_cuda() -> bool:

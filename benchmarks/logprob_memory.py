@@ -31,17 +31,19 @@ On CUDA it is torch.cuda.max_memory_allocated minus memory_allocated before.
 """
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MIB, machine, peak, reset_peak  # noqa: E402
 
 NUM_SEQUENCES, SEQ_LEN, COMPLETION_LEN = 12, 512, 256
 VOCAB, HIDDEN = 49152, 576  # SmolLM2-135M
@@ -98,19 +100,6 @@ def build(case, device):
     return IdentityTrunkLM(hidden, trainable_head=case == "head-trainable"), batch(device, VOCAB)
 
 
-def current_rss_bytes():
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes():
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def measure_one(case, side):
     """Run one forward + backward in this process; return peak extra memory and a checksum."""
     from dftlite.logprobs import naive_sequence_logprobs, sequence_logprobs
@@ -125,35 +114,13 @@ def measure_one(case, side):
     model.zero_grad(set_to_none=True)
     if case != "model":
         model.hidden.grad = None
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-    else:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed setup memory, so it is not reused unseen
-        baseline = current_rss_bytes()
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")  # reset VmHWM to the current RSS
+    baseline = reset_peak()  # CPU: freed setup memory goes back to the kernel first, so it is not reused unseen
     start = time.perf_counter()
     logp_sums, _ = score(model, input_ids, attention_mask, completion_mask)  # (N,)
     logp_sums.sum().backward()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = peak_rss_bytes()
+    top = peak()
     seconds = time.perf_counter() - start
-    return {"peak_mib": (peak - baseline) / 2**20, "seconds": seconds, "checksum": logp_sums.sum().item()}
-
-
-def machine():
-    info = {"nproc": len(os.sched_getaffinity(0)), "torch": torch.__version__}
-    with open("/proc/cpuinfo") as cpuinfo:
-        info["cpu"] = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
+    return {"peak_mib": (top - baseline) / MIB, "seconds": seconds, "checksum": logp_sums.sum().item()}
 
 
 def compare(case, reps):

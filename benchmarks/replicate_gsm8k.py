@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
+
+from common import commit
 
 REPO = Path(__file__).resolve().parent.parent
 GSM8K = REPO / "dftlite" / "resources" / "gsm8k"
@@ -99,7 +100,7 @@ def main():
 
     run_dir = Path(args.run_dir)
     started = time.time()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    code_commit = commit()  # at the start: the code this run used
     train_path = write_subset(GSM8K / "train.jsonl", run_dir / "data" / "train.jsonl", args.num_train, args.shortest_of)
     dev_path = write_subset(GSM8K / "dev.jsonl", run_dir / "data" / "dev.jsonl", args.num_dev)
     model_config = ModelConfig(precision=args.precision, lora_r=args.lora_r, lora_alpha=2 * args.lora_r)
@@ -163,11 +164,11 @@ def main():
             results[name] = json.loads((run_dir / name / "result.json").read_text())
     timings["total_s_this_invocation"] = time.time() - started
     (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
-    report = {"commit": commit, "args": vars(args), "timings": timings, "results": results}
+    report = {"commit": code_commit, "args": vars(args), "timings": timings, "results": results}
     (run_dir / "results.json").write_text(json.dumps(report, indent=2))
     plot_all(run_dir, [m for m in results if (run_dir / m / "log_history.jsonl").exists()])
     print_table(results)
-    print(json.dumps({"commit": commit, "results": {k: v["eval"] for k, v in results.items()}}))
+    print(json.dumps({"commit": code_commit, "results": {k: v["eval"] for k, v in results.items()}}))
 
 
 def step_logs(run_dir: Path) -> list[dict]:

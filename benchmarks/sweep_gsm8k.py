@@ -27,12 +27,12 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import commit  # noqa: E402
 from replicate_gsm8k import GSM8K, REPO, step_logs, write_subset  # noqa: E402
 
 # The training pools: name -> SampleConfig overrides. "nosys256" is the official MetaMathQA
@@ -119,13 +119,6 @@ def parse():
     parser.add_argument("--max_new_tokens", type=int, default=160, help="greedy answers (accuracy)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
-
-
-def commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "dftlite", "benchmarks"], capture_output=True, text=True,
-                           cwd=REPO).stdout.strip()
-    return out + ("+uncommitted" if dirty else "")
 
 
 def main():
