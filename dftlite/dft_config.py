@@ -1,8 +1,7 @@
 """DFTConfig: the settings of `dftlite train`, a `transformers.TrainingArguments` with DFT's fields.
 
-DFT is *Discriminative* Fine-Tuning (Guo et al., ICML 2025, arXiv 2502.18679), not TRL's
-`loss_type="dft"` (*Dynamic* Fine-Tuning). Each field is documented once, in its `help`;
-`dftlite train --help` lists them. YAML keys are the field names:
+Each field is documented once, in its `help`; `dftlite train --help` lists them. YAML keys are
+the field names:
 
     dftlite train --config configs/smollm2-135m_gsm8k_dft2_cpu.yaml --learning_rate 2e-4
 """

@@ -1,9 +1,9 @@
 """What a training step trains on: a split's pool negatives, their draw schedule, the micro-batches.
 
-Discriminative Fine-Tuning (DFT/DFT2; Guo et al., ICML 2025, arXiv 2502.18679; not TRL's
-*Dynamic* Fine-Tuning) pairs every training answer y_i with B negatives y' ~ P_g0(.|x̄_i) per
-step. The paper samples m = E·B negatives per prompt offline and gives each of the E epochs a
-disjoint set of B, without replacement. Here:
+Discriminative Fine-Tuning (DFT/DFT2; Guo et al., ICML 2025, arXiv 2502.18679) pairs every
+training answer y_i with B negatives y' ~ P_g0(.|x̄_i) per step. The paper samples m = E·B
+negatives per prompt offline and gives each of the E epochs a disjoint set of B, without
+replacement. Here:
 
     permutation_i = randperm(m_i), seeded by (seed, example id)      # fixed for the run
     draw v of example i = permutation_i[v·B : (v+1)·B]              # v = draws_taken[i]

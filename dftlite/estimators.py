@@ -1,10 +1,8 @@
 """Per-example moving-average state u_i for Discriminative Fine-Tuning (DFT/DFT2).
 
-"DFT" is *Discriminative* Fine-Tuning (Guo et al., ICML 2025, arXiv 2502.18679),
-not TRL's *Dynamic* Fine-Tuning (``loss_type="dft"``).
-
-Algorithm 1 keeps one scalar u_i per training example: a moving average (eq. 10)
-of the mini-batch estimates ĝ_i of g_i, updated only when example i is in the batch:
+The paper's Algorithm 1 (Guo et al., ICML 2025, arXiv 2502.18679) keeps one scalar u_i per
+training example: a moving average (eq. 10) of the mini-batch estimates ĝ_i of g_i, updated
+only when example i is in the batch:
 
     u_i ← (1-γ)·u_i + γ·ĝ_i
 

@@ -1,8 +1,5 @@
 """Memory-conscious sequence log-probs for causal LMs: the scores s(y) of DFT/DFT2.
 
-(DFT is *Discriminative* Fine-Tuning, Guo et al., ICML 2025, arXiv 2502.18679,
-not TRL's *Dynamic* Fine-Tuning.)
-
 A full forward materialises logits (N, T, V) and a log_softmax of the same size: for
 N=8, T=2048 and V=152k that is ~10 GB in float32, most of the memory of a LoRA step.
 Only the completion tokens matter, and of each row only the target entry and the

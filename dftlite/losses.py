@@ -1,7 +1,6 @@
 """Losses for Discriminative Fine-Tuning (DFT, DFT2) and the baselines it is compared with.
 
-"DFT" here is *Discriminative* Fine-Tuning (Guo et al., ICML 2025, arXiv 2502.18679).
-It is not TRL's ``loss_type="dft"``, which is *Dynamic* Fine-Tuning, a different method.
+The paper: Guo et al., ICML 2025, arXiv 2502.18679; equation numbers below are its.
 
 Every function is pure: sequence scores in, ``(loss, metrics)`` out (DFT ones also
 return the updated moving-average state ``new_log_u``). Nothing here knows about a

@@ -3,9 +3,6 @@
     dftlite train --config configs/smollm2-135m_gsm8k_dft2_cpu.yaml [--field value ...]
     accelerate launch --config_file configs/accelerate/ddp.yaml -m dftlite.cli train --config ...  # docs/multi_gpu.md
 
-DFT is *Discriminative* Fine-Tuning (Guo et al., ICML 2025, arXiv 2502.18679). It is not TRL's
-`loss_type="dft"`, which is *Dynamic* Fine-Tuning, an unrelated method.
-
 Each step takes S prompts. Prompt i contributes its data answer y_i (the positive) and B
 negatives y'_ij from the offline pool of `dftlite sample` (`dftlite.draws` says which), all
 scored under the training prompt x_i in one forward pass; the loss (`dftlite.losses`) contrasts
