@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from test_trainer import _config, _data, _model_config, _step_logs, one_thread, workspace  # noqa: F401  (fixtures)
+from test_trainer import _config, _data, _model_config, _step_logs, workspace  # noqa: F401  (a fixture)
 
 from dftlite.trainer import build_trainer
 
