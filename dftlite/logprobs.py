@@ -19,6 +19,9 @@ The trunk is called directly, so peft methods that act in ``PeftModel.forward``
 (prompt tuning) are not seen; LoRA, which patches the layers, is.
 """
 
+import contextlib
+import functools
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -183,6 +186,23 @@ def sequence_logprobs(model, input_ids, attention_mask, completion_mask, chunk_t
     """
     per_token = token_logprobs(model, input_ids, attention_mask, completion_mask, chunk_tokens, chunk_vocab)
     return per_token.sum(dim=1), completion_mask.bool().sum(dim=1)
+
+
+@contextlib.contextmanager
+def scoring_as_forward(module):
+    """Make `module(...)` compute `sequence_logprobs(module, ...)`.
+
+    DDP syncs gradients only for forwards through its own __call__, so a wrapped model is called
+    with scoring as its forward instead of being bypassed (single process: not used)."""
+    saved = module.__dict__.get("forward")  # accelerate may have set an instance-level forward
+    module.forward = functools.partial(sequence_logprobs, module)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
 
 
 def naive_sequence_logprobs(model, input_ids, attention_mask, completion_mask):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -42,7 +41,7 @@ from dftlite.dft_config import DFTConfig, schedule_problem
 from dftlite.draws import (Group, IndexDataset, NegativeDraws, Split, check_whole_batches, collate_indices,
                            epochs_planned, load_split, micro_batches, pad_groups)
 from dftlite.estimators import LogUTable
-from dftlite.logprobs import sequence_logprobs
+from dftlite.logprobs import scoring_as_forward, sequence_logprobs
 from dftlite.losses import method_loss
 from dftlite.models import ModelConfig, load_model, sampler_view
 from dftlite.outputs import disk_full_guard, output_lock, staged_directory, write_text_atomic
@@ -53,23 +52,6 @@ STATE_FORMAT_VERSION = 1
 
 class NonFiniteLossError(RuntimeError):
     """A NaN or inf in a step's scores, loss or gradients; raised before the optimizer step."""
-
-
-@contextlib.contextmanager
-def scoring_as_forward(module):
-    """Make `module(...)` compute `sequence_logprobs(module, ...)`.
-
-    DDP syncs gradients only for forwards through its own __call__, so a wrapped model is called
-    with scoring as its forward instead of being bypassed (single process: not used)."""
-    saved = module.__dict__.get("forward")  # accelerate may have set an instance-level forward
-    module.forward = functools.partial(sequence_logprobs, module)
-    try:
-        yield
-    finally:
-        if saved is None:
-            del module.forward
-        else:
-            module.forward = saved
 
 
 class DFTTrainer(Trainer):
