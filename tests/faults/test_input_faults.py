@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import json
 import os
 import socket
@@ -136,6 +138,8 @@ def test_the_bitsandbytes_kernel_warning_shows_only_with_verbose():
         return result.stdout + result.stderr
 
     assert "kernels-community" not in help_output()
-    if ops.has_avx512bf16():  # the only CPUs on which bitsandbytes tries the Hub kernel, and warns
+    # bitsandbytes >= 0.50 tries the Hub kernel, and warns, only on CPUs with AVX512-BF16 and with
+    # `kernels` installed (transformers >= 5.2x depends on it)
+    if ops.has_avx512bf16() and "kernels-community" in inspect.getsource(ops) and importlib.util.find_spec("kernels"):
         # the wording is the packages' own and changes between releases; the repository id does not
-        assert "kernels-community/quantization-bitsandbytes" in help_output("--verbose")
+        assert "kernels-community/quantization" in help_output("--verbose")
