@@ -7,8 +7,9 @@ plus DFT's own state: dft_state.safetensors (the u table and the draw counts) an
 - `is_complete_checkpoint`, `last_complete_checkpoint`, `incomplete_checkpoint_message`: a
   checkpoint is whole when its trainer_state.json, written last, parses; a run killed while saving
   leaves one without it, which resuming skips (`--resume_from_checkpoint last`) or names.
-- `save_dft_state`, `load_dft_state`: DFT's state, each file whole; loading refuses a state made
-  with other settings.
+- `resume_checkpoint`: what `resume_from_checkpoint` names ('last': the newest complete one).
+- `dft_state_meta`, `save_dft_state`, `load_dft_state`: DFT's state, each file whole; loading
+  refuses a state made with other settings.
 - `checkpoint_guard`: a save that fails (a full disk, a second Ctrl-C) leaves no checkpoint that
   looks resumable.
 - `SaveOnInterrupt`: Ctrl-C saves a checkpoint at the end of this step, then stops.
@@ -19,6 +20,7 @@ Locks and whole files are `dftlite.outputs`; the Trainer's own save and load are
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shutil
 import signal
@@ -28,11 +30,13 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from dftlite.config import ConfigError
 from dftlite.outputs import disk_full_error, make_dir, write_tensors_atomic, write_text_atomic
 
 DFT_STATE, DFT_STATE_META = "dft_state.safetensors", "dft_state.json"  # a checkpoint's u table and draw state
 TRAINER_STATE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME: written last, marks a checkpoint whole
 CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
+STATE_FORMAT_VERSION = 1  # of dft_state.*
 
 
 def is_complete_checkpoint(directory) -> bool:
@@ -65,15 +69,36 @@ def incomplete_checkpoint_message(checkpoint: str | Path) -> str | None:
             + (" (--resume_from_checkpoint last)" if last else ""))
 
 
-def save_dft_state(directory: str | Path, tensors: dict, meta: dict):
-    """dft_state.safetensors (`tensors`) + dft_state.json (`meta`, what the state is valid for), each whole."""
+def resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path) -> str | None:
+    """The checkpoint to resume from: as given, or for 'last' the newest complete one in output_dir."""
+    if resume_from_checkpoint != "last":
+        return resume_from_checkpoint
+    last = last_complete_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    if last is None:
+        raise ConfigError(f"resume_from_checkpoint: last, but {output_dir} holds no complete checkpoint")
+    return last
+
+
+def dft_state_meta(method: str, example_ids: list[str], seed: int, num_negatives_per_step: int) -> dict:
+    """What a DFT state is valid for: `load_dft_state` refuses one saved with other values."""
+    return {
+        "format_version": STATE_FORMAT_VERSION, "method": method, "num_examples": len(example_ids),
+        "example_ids_digest": hashlib.sha256("\n".join(example_ids).encode()).hexdigest()[:16],
+        "seed": seed, "num_negatives_per_step": num_negatives_per_step,
+    }
+
+
+def save_dft_state(directory: str | Path, log_u, draws, meta: dict):
+    """dft_state.safetensors (the u table `log_u`, a LogUTable: log_u, visits; the draw counts of `draws`, a
+    NegativeDraws: draws_taken) + dft_state.json (`meta`, what the state is valid for), each whole."""
     directory = make_dir(directory, "checkpoint directory")
-    write_tensors_atomic(directory / DFT_STATE, tensors)
+    write_tensors_atomic(directory / DFT_STATE, {**log_u.state_dict(), **draws.state_dict()})
     write_text_atomic(directory / DFT_STATE_META, json.dumps(meta, indent=2) + "\n")
 
 
-def load_dft_state(directory: str | Path, expected_meta: dict) -> dict:
-    """The tensors of `save_dft_state`; ValueError when its meta differs from `expected_meta`."""
+def load_dft_state(directory: str | Path, log_u, draws, expected_meta: dict):
+    """Load `save_dft_state`'s state into `log_u` and `draws`; ValueError when its meta differs from
+    `expected_meta`."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -83,7 +108,9 @@ def load_dft_state(directory: str | Path, expected_meta: dict) -> dict:
     diffs = [f"{k} (checkpoint: {saved.get(k)!r}, now: {v!r})" for k, v in expected_meta.items() if saved.get(k) != v]
     if diffs:
         raise ValueError(f"cannot resume from {directory}: it was made with other settings: " + "; ".join(diffs))
-    return load_file(str(directory / DFT_STATE))
+    tensors = load_file(str(directory / DFT_STATE))
+    log_u.load_state_dict({"log_u": tensors["log_u"], "visits": tensors["visits"]})
+    draws.load_state_dict({"draws_taken": tensors["draws_taken"]})
 
 
 @contextlib.contextmanager
@@ -111,6 +138,13 @@ class SaveOnInterrupt(TrainerCallback):
     def __init__(self):
         self.requested, self.stopped_at, self._previous, self._installed = False, None, None, False
         self.agreed = None  # None: one process, act on `requested`
+
+    def __enter__(self):  # for the run: the handler in place, the previous one restored after
+        self.install()
+        return self
+
+    def __exit__(self, *exc):
+        self.uninstall()
 
     def install(self):
         self.requested, self.stopped_at, self.agreed = False, None, None

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -33,8 +32,8 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from dftlite.checkpoints import (SaveOnInterrupt, checkpoint_guard, incomplete_checkpoint_message, last_complete_checkpoint,
-                                 load_dft_state, save_dft_state)
+from dftlite.checkpoints import (SaveOnInterrupt, checkpoint_guard, dft_state_meta, incomplete_checkpoint_message,
+                                 last_complete_checkpoint, load_dft_state, resume_checkpoint, save_dft_state)
 from dftlite.config import ConfigError
 from dftlite.data import DataConfig, load_data
 from dftlite.dft_config import DFTConfig, schedule_problem
@@ -47,7 +46,6 @@ from dftlite.models import ModelConfig, load_model, sampler_view
 from dftlite.outputs import disk_full_guard, output_lock, staged_directory, write_text_atomic
 
 logger = logging.getLogger(__name__)
-STATE_FORMAT_VERSION = 1
 
 
 class NonFiniteLossError(RuntimeError):
@@ -102,12 +100,9 @@ class DFTTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         """Trainer.train, with Ctrl-C turned into: save a checkpoint at the next step boundary, then stop."""
-        self.interrupt.install()
-        self._last_log_time = time.perf_counter()
-        try:
+        with self.interrupt:
+            self._last_log_time = time.perf_counter()
             return super().train(*args, **kwargs)
-        finally:
-            self.interrupt.uninstall()
 
     # ---- the step -------------------------------------------------------------------------
 
@@ -355,20 +350,14 @@ class DFTTrainer(Trainer):
         self.load_dft_state(resume_from_checkpoint)
 
     def _state_meta(self) -> dict:
-        return {
-            "format_version": STATE_FORMAT_VERSION, "method": self.args.method, "num_examples": len(self.train_split),
-            "example_ids_digest": hashlib.sha256("\n".join(self.train_split.ids).encode()).hexdigest()[:16],
-            "seed": self.args.seed, "num_negatives_per_step": self.draws.per_draw,
-        }
+        return dft_state_meta(self.args.method, self.train_split.ids, self.args.seed, self.draws.per_draw)
 
     def save_dft_state(self, directory: str | os.PathLike):
-        """dft_state.safetensors (log_u, visits, draws_taken; complete on every process) + dft_state.json."""
-        save_dft_state(directory, {**self.log_u.state_dict(), **self.draws.state_dict()}, self._state_meta())
+        """dft_state.safetensors (the u table and draw counts; complete on every process) + dft_state.json."""
+        save_dft_state(directory, self.log_u, self.draws, self._state_meta())
 
     def load_dft_state(self, directory: str | os.PathLike):
-        tensors = load_dft_state(directory, self._state_meta())
-        self.log_u.load_state_dict({"log_u": tensors["log_u"], "visits": tensors["visits"]})
-        self.draws.load_state_dict({"draws_taken": tensors["draws_taken"]})
+        load_dft_state(directory, self.log_u, self.draws, self._state_meta())
 
 
 # ---- the job ------------------------------------------------------------------------------
@@ -425,12 +414,7 @@ def train(model_config: ModelConfig, data_config: DataConfig, dft_config: DFTCon
         trainer = build_trainer(model_config, data_config, dft_config, model, tokenizer)
         if trainer.args.should_save:
             save_resolved_config(output_dir, model_config, data_config, dft_config)
-        resume = dft_config.resume_from_checkpoint
-        if resume == "last":
-            resume = last_complete_checkpoint(output_dir) if output_dir.is_dir() else None
-            if resume is None:
-                raise ConfigError(f"resume_from_checkpoint: last, but {output_dir} holds no complete checkpoint")
-        output = trainer.train(resume_from_checkpoint=resume)
+        output = trainer.train(resume_from_checkpoint=resume_checkpoint(dft_config.resume_from_checkpoint, output_dir))
         if trainer.interrupt.stopped_at is not None:
             checkpoint = output_dir / f"{PREFIX_CHECKPOINT_DIR}-{trainer.interrupt.stopped_at}"
             console.print(f"[bold yellow]Interrupted[/]: checkpoint saved at step {trainer.interrupt.stopped_at} in {checkpoint}. "
