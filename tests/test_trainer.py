@@ -16,10 +16,9 @@ from safetensors.torch import load_file
 
 from conftest import REPO, write_jsonl
 from dftlite.config import parse_args
-from dftlite.data import DataConfig, DataError
+from dftlite.data import DataConfig
 from dftlite.draws import pad_groups
 from dftlite.models import ModelConfig, load_model
-from dftlite.pool import PoolMismatchError
 from dftlite.sampling import SampleConfig, sample_pool
 from dftlite.trainer import DFTConfig, DFTTrainer, NonFiniteLossError, build_trainer, train
 
@@ -155,23 +154,6 @@ def test_each_epoch_draws_fresh_negatives(workspace, tmp_path):
     for index, draws in drawn.items():
         assert len(draws) == 2 and len(set(draws[0]) | set(draws[1])) == 4, "two epochs, 2 + 2 distinct negatives"
         assert draws[0] + draws[1] == trainer.draws.permutation(index)[:4]
-
-
-def test_draw_and_pool_errors(workspace, tmp_path):
-    ws, model_config = workspace, _model_config(workspace["model_dir"])
-    with pytest.raises(DataError, match=r"fewer than 10 .*allow_negative_reuse"):
-        build_trainer(model_config, _data(ws), _config(ws, tmp_path, num_train_epochs=5))
-    new_row = {"id": "new-1", "prompt": "What is 0 + 0?", "completion": "0"}
-    extra = write_jsonl(tmp_path / "extra.jsonl", _rows(TRAIN_PAIRS) + [new_row])
-    with pytest.raises(DataError, match="no negatives for 1 training example.*'new-1'"):
-        build_trainer(model_config, _data(ws, str(extra)), _config(ws, tmp_path))
-    with pytest.raises(DataError, match="score_train_prompt: true"):  # the eval pool was sampled without it
-        config = _config(ws, tmp_path, method="dft", reference="train_prompt", pool_dir=ws["eval_pool"])
-        build_trainer(model_config, _data(ws, ws["eval"]), config)
-    with pytest.raises(FileNotFoundError, match="dftlite sample"):
-        build_trainer(model_config, _data(ws), _config(ws, tmp_path, pool_dir=str(tmp_path / "nowhere")))
-    with pytest.raises(PoolMismatchError, match="template"):
-        build_trainer(model_config, DataConfig(data_path=ws["train"], template="plain"), _config(ws, tmp_path))
 
 
 def test_non_finite_loss_stops_before_saving(workspace, tmp_path):
