@@ -52,13 +52,14 @@ from common import (REPO, StepMeter, commit, ensure_pool, gsm8k_data, machine, m
 
 from dftlite.data import load_data  # noqa: E402
 from dftlite.draws import load_split  # noqa: E402
+from dftlite.dft_config import METHOD_SETTINGS  # noqa: E402
 from dftlite.estimators import LogUTable  # noqa: E402
 from dftlite.losses import sft_loss  # noqa: E402
 from dftlite.models import ModelConfig, load_model  # noqa: E402
 from dftlite.trainer import DFTConfig, DFTTrainer  # noqa: E402
 
 SIDES = ("sft", "dft2", "dft")
-PAPER = {"dft": (1.0, 0.85), "dft2": (0.3, 0.9)}  # (tau, gamma) defaults of DFTConfig
+WITH_U = ("dft2", "dft")  # the sides with a u table, each with its method's own tau and gamma
 
 
 class AlternatingTrainer(DFTTrainer):
@@ -67,14 +68,14 @@ class AlternatingTrainer(DFTTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.side = "dft2"
-        self.tables = {side: LogUTable(len(self.train_split), init=self.args.u_init) for side in PAPER}
+        self.tables = {side: LogUTable(len(self.train_split), init=self.args.u_init) for side in WITH_U}
 
     def use(self, side: str):
         self.side = side
         self.uses_u = side != "sft"
-        if side in PAPER:
+        if side in WITH_U:
             self.args.method = side  # read per step by _groups (DFT's cached log P_g0) and micro_batch_loss
-            self.args.tau, self.args.gamma = PAPER[side]
+            self.args.tau, self.args.gamma = METHOD_SETTINGS[side]["tau"], METHOD_SETTINGS[side]["gamma"]
             self.log_u = self.tables[side]
 
     def micro_batch_loss(self, logps, lengths, **inputs):
