@@ -33,7 +33,9 @@ import torch
 
 from dftlite.config import to_dict
 from dftlite.data import DataConfig, DataError, Example, encode_answer, encode_prompt, load_data, render_prompt
-from dftlite.models import ModelConfig, load_base_model, load_model, plain_generation_config, sampler_view, stop_token_ids
+from dftlite.engine_vllm import ENGINES, resolve_engine
+from dftlite.models import (ModelConfig, load_base_model, load_model, load_tokenizer, plain_generation_config,
+                            resolve_model_path, sampler_view, stop_token_ids)
 from dftlite.outputs import make_dir, write_text_atomic
 from dftlite.progress import Progress, StepStreamer
 
@@ -64,12 +66,18 @@ class EvalConfig:
     compare_base: bool = field(
         default=True, metadata={"help": "Also evaluate the base model (the adapter switched off) next to the adapter."}
     )
+    engine: str = field(
+        default="auto", metadata={"help": "Engine of the greedy answers: hf (transformers' generate), vllm, or auto "
+                                  "(vllm when installed). The teacher-forced scores (win rate) are always hf's."}
+    )
 
     def __post_init__(self):
         # YAML or the command line may give "" for "not set"
         self.adapter_path = self.adapter_path or None
         self.pool_dir = self.pool_dir or None
         self.json_path = self.json_path or None
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         if self.max_new_tokens < 1:
@@ -149,18 +157,25 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     return outputs
 
 
+def _numeric(examples: list[Example]) -> list[tuple[Example, str]]:
+    """(example, gold number) of the examples whose gold answer holds a number: the ones accuracy scores."""
+    golds = [(example, extract_answer(example.answer)) for example in examples]
+    return [(example, gold) for example, gold in golds if gold is not None]
+
+
 def accuracy(model, tokenizer, examples: list[Example], template: str = "chat", max_new_tokens: int = 256,
-             batch_size: int = 16) -> dict:
+             batch_size: int = 16, outputs: list[str] | None = None) -> dict:
     """Exact-match accuracy of greedy answers on the examples whose gold answer holds a number.
 
     Returns {"accuracy", "correct", "total", "no_answer" (predictions without a number),
     "skipped" (examples without a numeric gold answer), "predictions": [per example]}.
-    accuracy is None when no example has a numeric gold answer (e.g. chat data).
+    accuracy is None when no example has a numeric gold answer (e.g. chat data). `outputs`: the greedy
+    answers of those examples, in order, decoded elsewhere (`vllm_greedy_answers`); None = decode them here.
     """
-    golds = [(example, extract_answer(example.answer)) for example in examples]
-    scored = [(example, gold) for example, gold in golds if gold is not None]
+    scored = _numeric(examples)
     prompts = [render_prompt(tokenizer, example.prompt, template) for example, _ in scored]
-    outputs = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, template) if prompts else []
+    if outputs is None:
+        outputs = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, template) if prompts else []
     predictions = []
     for (example, gold), output in zip(scored, outputs):
         predicted = extract_answer(output)
@@ -257,6 +272,37 @@ def discrimination(model, tokenizer, examples: list[Example], records_by_id: dic
     }
 
 
+def vllm_greedy_answers(model_config: ModelConfig, tokenizer, examples: list[Example], template: str,
+                        max_new_tokens: int, views: list[str], adapter_path: str | None) -> dict[str, list[str]]:
+    """{view: greedy answers of the numeric examples} for the views "base" and "adapter", on vLLM (the
+    adapter as a LoRA over the same engine). The engine is shut down before this returns, so the model
+    that scores the pool afterwards has the memory to itself."""
+    from dftlite.engine_vllm import VLLMEngine, base_metadata, vllm_dtype
+
+    path, _, _, eos_ids = base_metadata(model_config)
+    prompt_ids = [encode_prompt(tokenizer, render_prompt(tokenizer, example.prompt, template), template)
+                  for example, _ in _numeric(examples)]
+    if not prompt_ids:
+        return {view: [] for view in views}
+    lora_rank = None
+    if adapter_path is not None:
+        lora_rank = json.loads((Path(adapter_path) / "adapter_config.json").read_text())["r"]
+    engine = VLLMEngine(path, dtype=vllm_dtype(model_config), max_model_len=max(map(len, prompt_ids)) + max_new_tokens,
+                        enable_lora=adapter_path is not None, max_lora_rank=lora_rank or 16,
+                        trust_remote_code=model_config.trust_remote_code)
+    try:
+        answers = {}
+        for view in views:
+            with Progress(f"generating ({view}, vllm)", total=len(prompt_ids), unit="answers") as progress:
+                tokens = engine.greedy(prompt_ids, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                       lora_path=adapter_path if view == "adapter" else None)
+                progress.advance(len(prompt_ids))
+            answers[view] = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+        return answers
+    finally:
+        engine.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # The job.
 
@@ -271,7 +317,18 @@ def evaluate(model_config: ModelConfig, data_config: DataConfig, eval_config: Ev
     examples = load_data(data_config)
     if eval_config.json_path is not None:  # fail now, not after the evaluation, when it cannot be written
         make_dir(Path(eval_config.json_path).parent, "directory of json_path")
-    if model is None or tokenizer is None:
+    engine_name = "hf" if model is not None else resolve_engine(eval_config.engine)  # a model in memory is hf's
+    answers = {}
+    if engine_name == "vllm":  # first, and alone in memory
+        view_names = (["base"] if eval_config.adapter_path is None or eval_config.compare_base else []) + \
+            (["adapter"] if eval_config.adapter_path is not None else [])
+        logger.info("greedy answers on vLLM")
+        tokenizer = load_tokenizer(resolve_model_path(model_config.model_name_or_path, model_config.cache_dir),
+                                   model_config.trust_remote_code)
+        answers = vllm_greedy_answers(model_config, tokenizer, examples, data_config.template,
+                                      eval_config.max_new_tokens, view_names, eval_config.adapter_path)
+    # vLLM answered already: the HF model is needed only to score the pool
+    if (model is None or tokenizer is None) and (engine_name == "hf" or eval_config.pool_dir is not None):
         if eval_config.adapter_path is not None:
             model, tokenizer = load_model(model_config, adapter_path=eval_config.adapter_path, trainable=False)
         else:
@@ -283,12 +340,12 @@ def evaluate(model_config: ModelConfig, data_config: DataConfig, eval_config: Ev
         meta, records_by_id = read_pool(eval_config.pool_dir)
         check_pool_compatible(meta, model, tokenizer, data_config.template)
 
-    has_adapter = hasattr(model, "peft_config")
+    has_adapter = hasattr(model, "peft_config") if model is not None else eval_config.adapter_path is not None
     views = []  # (name, context that makes `model` that model)
     if not has_adapter or eval_config.compare_base:
-        views.append(("base", sampler_view))
+        views.append(("base", sampler_view if model is not None else contextlib.nullcontext))
     if has_adapter:
-        views.append(("adapter", _eval_mode))
+        views.append(("adapter", _eval_mode if model is not None else contextlib.nullcontext))
     results = {
         "num_examples": len(examples),
         "data_path": data_config.data_path,
@@ -300,10 +357,11 @@ def evaluate(model_config: ModelConfig, data_config: DataConfig, eval_config: Ev
     for name, view in views:
         logger.info("evaluating %s on %d examples", name, len(examples))
         with view(model):
-            result = accuracy(model, tokenizer, examples, template, eval_config.max_new_tokens, batch_size)
+            result = accuracy(model, tokenizer, examples, template, eval_config.max_new_tokens, batch_size, answers.get(name))
             if records_by_id is not None:
                 result.update(discrimination(model, tokenizer, examples, records_by_id, template, batch_size))
         results[name] = result
+    results["engine"] = engine_name
 
     if eval_config.json_path is not None:
         write_text_atomic(eval_config.json_path, json.dumps(results, indent=2, ensure_ascii=False) + "\n")

@@ -213,7 +213,7 @@ def native_bf16() -> bool:
     return tuple(torch.cuda.get_device_capability()) >= BF16_MIN_CAPABILITY
 
 
-def _compute_dtype(name: str) -> torch.dtype:
+def compute_torch_dtype(name: str) -> torch.dtype:
     if name != "auto":
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
     if torch.cuda.is_available():
@@ -237,7 +237,7 @@ def load_base_model(config: ModelConfig):
 
     path = resolve_model_path(config.model_name_or_path, config.cache_dir)
     tokenizer = load_tokenizer(path, config.trust_remote_code)
-    compute_dtype = _compute_dtype(config.compute_dtype)
+    compute_dtype = compute_torch_dtype(config.compute_dtype)
     kwargs = {"trust_remote_code": config.trust_remote_code}
     if config.precision == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -413,16 +413,22 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 def model_fingerprint(model, tokenizer) -> dict:
     """What identifies the model and tokenizer a pool was made with (compared on reuse)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return config_fingerprint(base.config, tokenizer)
+
+
+def config_fingerprint(config, tokenizer) -> dict:
+    """`model_fingerprint` from the model's config (a transformers PretrainedConfig) alone, without its weights
+    loaded: what `dftlite sample --engine vllm` records, the same as the loaded model's."""
     vocab = tokenizer.get_vocab()
     vocab_digest = hashlib.sha256("\n".join(f"{k}\t{v}" for k, v in sorted(vocab.items())).encode()).hexdigest()[:16]
-    name_or_path = str(getattr(base.config, "_name_or_path", ""))
+    name_or_path = str(getattr(config, "_name_or_path", ""))
     return {
         # The last path component, so the same model under another cache or checkout path still matches;
         # the weights digest tells apart different models stored under the same name.
         "model": Path(name_or_path).name,
         "weights_digest": _weights_digest(name_or_path),
-        "model_type": base.config.model_type,
-        "vocab_size": int(base.config.vocab_size),
+        "model_type": config.model_type,
+        "vocab_size": int(config.vocab_size),
         "tokenizer_digest": vocab_digest,
         "chat_template_digest": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()[:16],
         "eos_token_id": tokenizer.eos_token_id,

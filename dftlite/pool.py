@@ -160,6 +160,10 @@ def check_pool_compatible(meta: dict, model, tokenizer, template: str | None = N
         expected["template"] = template
     if sample_config is not None:
         expected.update({k: v for k, v in pool_settings(sample_config).items() if k != "template"})
+    _raise_on_differences(meta, expected)
+
+
+def _raise_on_differences(meta: dict, expected: dict):
     diffs = _differences(meta, expected)
     if diffs:
         raise PoolMismatchError(
@@ -196,9 +200,10 @@ def append_records(path: Path, records: list[dict]):
                                 "`dftlite sample` resumes from them)")
 
 
-def open_pool(pool_dir: Path, meta: dict, model, tokenizer, template, config, prompts) -> dict[str, list[dict]]:
-    """Create the pool, or check an existing one against this run (`config`, a SampleConfig; `prompts`,
-    each with .id and .sampler_prompt) and return its records.
+def open_pool(pool_dir: Path, meta: dict, template, config, prompts) -> dict[str, list[dict]]:
+    """Create the pool, or check an existing one against this run (`meta`, the run's meta.json with its
+    model fingerprint and engine; `config`, a SampleConfig; `prompts`, each with .id and .sampler_prompt)
+    and return its records.
 
     A pool without a single complete record (a first run killed before it wrote one) has nothing to
     protect: this run's settings take it over."""
@@ -212,7 +217,14 @@ def open_pool(pool_dir: Path, meta: dict, model, tokenizer, template, config, pr
         write_meta(pool_dir, meta)
         return {}
     old_meta = _read_meta(pool_dir)
-    check_pool_compatible(old_meta, model, tokenizer, template, config)
+    _raise_on_differences(old_meta, {"format_version": FORMAT_VERSION, "fingerprint": meta["fingerprint"],
+                                     **pool_settings(config, template)})
+    # one engine per pool: the engines' draws for the same seed differ (pools from before engines were hf's)
+    if old_meta.get("engine", "hf") != meta["engine"]:
+        raise PoolMismatchError(
+            f"the pool in {pool_dir} was sampled with engine {old_meta.get('engine', 'hf')!r}, this run uses "
+            f"{meta['engine']!r}; resume it with --engine {old_meta.get('engine', 'hf')} or use a new pool_dir"
+        )
     if old_meta.get("num_negatives", 0) > config.num_negatives:
         raise PoolMismatchError(
             f"the pool in {pool_dir} has num_negatives={old_meta['num_negatives']}; it can grow, not shrink "

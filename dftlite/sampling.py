@@ -3,7 +3,11 @@
 Discriminative Fine-Tuning (Guo et al. 2025, arXiv 2502.18679, §4.2 and App. B.5) contrasts
 each training answer y_i with m negatives y' drawn from the base model under an adversarial
 prompt x̄_i: the training prompt with the system message "You are an unhelpful assistant.".
-The sampler is `sampler_view(model)`: the same loaded (possibly 4-bit) model, adapters off.
+Two engines draw them (`--engine`):
+- hf: `sampler_view(model)`, the same loaded (possibly 4-bit) model as training, adapters off,
+  decoding with transformers' `generate`;
+- vllm: vLLM over the same base weights at the precision's compute dtype (`dftlite.engine_vllm`),
+  for pools at scale; `auto` (the default) takes vllm when it is installed.
 
     dftlite sample --config configs/smollm2-135m_gsm8k_dft2_cpu.yaml
 
@@ -18,6 +22,7 @@ differs, but it is still an exact sample of P_g0 and its logp_sampler is still e
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -28,14 +33,19 @@ import torch
 
 from dftlite.config import save_resolved_config
 from dftlite.data import DataConfig, DataError, encode_prompt, load_data, render_prompt
-from dftlite.models import ModelConfig, load_model, model_fingerprint, plain_generation_config, sampler_view, stop_token_ids
+from dftlite.engine_vllm import ENGINES, resolve_engine
+from dftlite.models import (ModelConfig, config_fingerprint, load_model, model_fingerprint, plain_generation_config,
+                            sampler_view, stop_token_ids)
 from dftlite.outputs import make_dir, output_lock
-from dftlite.pool import FORMAT_VERSION, POOL_FILE, append_records, open_pool, pool_settings
+from dftlite.pool import FORMAT_VERSION, POOL_FILE, append_records, open_pool, pool_settings, write_meta
 
 # batch_size=0: rows per generate call such that rows * (longest prompt + max_new_tokens) stays
 # within this many tokens of KV cache (SmolLM2-135M fp32: ~46 KB/token, so ~0.4 GB on CPU).
 AUTO_TOKEN_BUDGET = {"cpu": 8192, "cuda": 65536}
 MAX_AUTO_ROWS = 256
+# engine vllm, batch_size=0: completions per vLLM call (each call's records are written before the next
+# starts, so this is also what a kill can lose); vLLM batches within a call by itself
+VLLM_CHUNK = {"cpu": 64, "cuda": 2048}
 
 
 @dataclass
@@ -63,6 +73,12 @@ class SampleConfig:
         default=False, metadata={"help": "Train on negatives identical to the gold answer (stripped) anyway. "
                                  "dftlite eval always leaves them out (they would tie with the gold answer)."}
     )
+    engine: str = field(
+        default="auto", metadata={"help": "Decoding engine: hf (transformers' generate on the training base), vllm "
+                                  "(pip install 'dftlite[vllm]'), or auto (vllm when installed). A pool keeps its engine."}
+    )
+    tensor_parallel_size: int = field(default=1, metadata={"help": "engine vllm: GPUs per model replica (vLLM's tensor_parallel_size)."})
+    data_parallel_size: int = field(default=1, metadata={"help": "engine vllm: model replicas (vLLM's data_parallel_size)."})
     repair_pool: bool = field(
         default=False, metadata={"help": "A pool.jsonl with a corrupt or duplicated line: keep the records before it, "
                                  "move that line and the rest to pool.jsonl.bad-<time> (nothing is deleted), resample."}
@@ -85,6 +101,11 @@ class SampleConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 0:
             raise ValueError(f"batch_size must be >= 0 (0 = automatic), got {self.batch_size}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.tensor_parallel_size < 1 or self.data_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size and data_parallel_size must be >= 1, got "
+                             f"{self.tensor_parallel_size} and {self.data_parallel_size}")
 
 
 @dataclass
@@ -212,8 +233,9 @@ class _Prompt:
     train_ids: list[int] | None
 
 
-def _prepare_prompts(model, tokenizer, examples, template: str, config: SampleConfig) -> list[_Prompt]:
-    context = getattr(model.config, "max_position_embeddings", None)
+def _prepare_prompts(model_config, tokenizer, examples, template: str, config: SampleConfig) -> list[_Prompt]:
+    """`model_config`: the model's transformers config (its context window is checked here)."""
+    context = getattr(model_config, "max_position_embeddings", None)
     prompts = []
     for example in examples:
         try:
@@ -275,28 +297,70 @@ def sample_pool(model_config: ModelConfig, data_config: DataConfig, sample_confi
         return _sample_pool(model_config, data_config, sample_config, examples, model, tokenizer)
 
 
+def _hf_decoded(model, todo, config: SampleConfig, eos_ids: list[int], pad_id: int, progress):
+    """Yield (batch, [(token_ids, finish_reason, logp_sampler)], [logp_train_prompt or None]) per generate call."""
+    from dftlite.progress import StepStreamer
+
+    for batch in _batches(todo, config, next(model.parameters()).device.type):
+        seeds = [completion_seed(config.seed, p.id, k) for p, k in batch]
+        streamer = StepStreamer(progress)  # the bar moves at every decoding step
+        results = generate_batch(model, [p.sampler_ids for p, _ in batch], seeds, config, eos_ids, pad_id, streamer)
+        train_logps = [None] * len(batch)
+        if config.score_train_prompt:
+            train_logps = score_completions(model, [p.train_ids for p, _ in batch], [r[0] for r in results], pad_id)
+        yield batch, results, train_logps
+        progress.advance(len(batch) * (config.max_new_tokens - streamer.steps))  # rows that stopped early
+
+
+def _vllm_decoded(engine, todo, config: SampleConfig, eos_ids: list[int], progress):
+    """As `_hf_decoded`, one vLLM call per chunk of `todo` (the bar moves once per chunk)."""
+    chunk = config.batch_size or VLLM_CHUNK["cuda" if torch.cuda.is_available() else "cpu"]
+    for start in range(0, len(todo), chunk):
+        batch = todo[start : start + chunk]
+        results = engine.sample([p.sampler_ids for p, _ in batch], [completion_seed(config.seed, p.id, k) for p, k in batch],
+                                temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                                max_new_tokens=config.max_new_tokens, eos_ids=eos_ids)
+        train_logps = [None] * len(batch)
+        if config.score_train_prompt:
+            train_logps = engine.score([p.train_ids for p, _ in batch], [r[0] for r in results])
+        yield batch, results, train_logps
+        progress.advance(len(batch) * config.max_new_tokens)
+
+
 def _sample_pool(model_config: ModelConfig, data_config: DataConfig, sample_config: SampleConfig, examples, model,
                  tokenizer) -> PoolStats:
     from rich.console import Console
     from rich.table import Table
 
-    from dftlite.progress import Progress, StepStreamer
+    from dftlite.progress import Progress
 
-    if model is None or tokenizer is None:
-        model, tokenizer = load_model(model_config)
     config, template = sample_config, data_config.template
-    prompts = _prepare_prompts(model, tokenizer, examples, template, config)
+    console = Console(stderr=True)
+    engine_name = "hf" if model is not None else resolve_engine(config.engine)  # a model in memory is hf's
+    if engine_name == "vllm":
+        from dftlite.engine_vllm import VLLMEngine, base_metadata, vllm_dtype
+
+        path, tokenizer, hf_config, eos_ids = base_metadata(model_config)
+        fingerprint = config_fingerprint(hf_config, tokenizer)
+    else:
+        if model is None or tokenizer is None:
+            model, tokenizer = load_model(model_config)
+        hf_config, fingerprint, eos_ids = model.config, model_fingerprint(model, tokenizer), stop_token_ids(model, tokenizer)
+    console.print(f"sampling engine: {engine_name}" + (" (vLLM is not installed)" if config.engine == "auto" and
+                                                         engine_name == "hf" and model is None else ""))
+    prompts = _prepare_prompts(hf_config, tokenizer, examples, template, config)
 
     pool_dir = Path(config.pool_dir)
     make_dir(pool_dir, "pool directory")
     meta = {
         "format_version": FORMAT_VERSION,
-        "fingerprint": model_fingerprint(model, tokenizer),
+        "fingerprint": fingerprint,
         **pool_settings(config, template),
         "num_negatives": config.num_negatives,
         "keep_gold_duplicates": config.keep_gold_duplicates,
+        "engine": engine_name,
     }
-    records_by_id = open_pool(pool_dir, meta, model, tokenizer, template, config, prompts)
+    records_by_id = open_pool(pool_dir, meta, template, config, prompts)
     save_resolved_config(pool_dir, model_config, data_config, sample_config)
 
     done = {(r["id"], r["k"]) for rs in records_by_id.values() for r in rs}
@@ -304,25 +368,27 @@ def _sample_pool(model_config: ModelConfig, data_config: DataConfig, sample_conf
     order = {p.id: i for i, p in enumerate(prompts)}
     todo.sort(key=lambda item: (len(item[0].sampler_ids), order[item[0].id], item[1]))  # less padding
     remaining = {p.id: sum(1 for k in range(config.num_negatives) if (p.id, k) not in done) for p in prompts}
-    eos_ids = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    device_type = next(model.parameters()).device.type
+    if engine_name == "vllm" and todo:
+        longest = max(len(p.sampler_ids) for p in prompts) if not config.score_train_prompt else \
+            max(max(len(p.sampler_ids), len(p.train_ids)) for p in prompts)
+        engine = VLLMEngine(path, dtype=vllm_dtype(model_config), seed=config.seed,
+                            # + 1: scoring under x feeds prompt + completion and asks for one token more
+                            max_model_len=longest + config.max_new_tokens + 1, tensor_parallel_size=config.tensor_parallel_size,
+                            data_parallel_size=config.data_parallel_size, trust_remote_code=model_config.trust_remote_code)
+        meta["engine_dtype"] = engine.dtype
+        write_meta(pool_dir, meta)
 
-    console = Console(stderr=True)
     new_tokens, started = 0, time.perf_counter()
     prompts_done = sum(1 for v in remaining.values() if v == 0)
-    # Progress in tokens, moving at every decoding step; the total is the budget, completions × max_new_tokens,
-    # and a batch that stops early adds its unused budget at its end.
-    with sampler_view(model), Progress("sampling", total=len(todo) * config.max_new_tokens, unit="tokens",
-                                       console=console) as progress:
+    # Progress in tokens; the total is the budget, completions × max_new_tokens, and a batch that stops early
+    # adds its unused budget at its end.
+    view = sampler_view(model) if engine_name == "hf" else contextlib.nullcontext()  # the base: adapters off
+    with view, Progress("sampling", total=len(todo) * config.max_new_tokens, unit="tokens", console=console) as progress:
         progress.status = f"{prompts_done}/{len(prompts)} prompts"
-        for batch in _batches(todo, config, device_type):
-            seeds = [completion_seed(config.seed, p.id, k) for p, k in batch]
-            streamer = StepStreamer(progress)
-            results = generate_batch(model, [p.sampler_ids for p, _ in batch], seeds, config, eos_ids, pad_id, streamer)
-            train_logps = [None] * len(batch)
-            if config.score_train_prompt:
-                train_logps = score_completions(model, [p.train_ids for p, _ in batch], [r[0] for r in results], pad_id)
+        decoded = (_vllm_decoded(engine, todo, config, eos_ids, progress) if engine_name == "vllm" and todo
+                   else _hf_decoded(model, todo, config, eos_ids, pad_id, progress) if todo else ())
+        for batch, results, train_logps in decoded:
             records = []
             for (prompt, k), (token_ids, finish_reason, logp), train_logp in zip(batch, results, train_logps):
                 eos_trimmed = token_ids[:-1] if finish_reason == "eos" else token_ids
@@ -339,7 +405,6 @@ def _sample_pool(model_config: ModelConfig, data_config: DataConfig, sample_conf
                 prompts_done += remaining[record["id"]] == 0
                 new_tokens += record["num_tokens"]
             progress.status = f"{prompts_done}/{len(prompts)} prompts"
-            progress.advance(len(batch) * (config.max_new_tokens - streamer.steps))
     seconds = time.perf_counter() - started
 
     for records in records_by_id.values():

@@ -150,8 +150,8 @@ def test_bf16_is_decided_by_compute_capability(monkeypatch, capability, native):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert models.native_bf16() is native
-    assert models._compute_dtype("auto") == (torch.bfloat16 if native else torch.float16)
-    assert models._compute_dtype("fp32") == torch.float32  # an explicit choice is kept
+    assert models.compute_torch_dtype("auto") == (torch.bfloat16 if native else torch.float16)
+    assert models.compute_torch_dtype("fp32") == torch.float32  # an explicit choice is kept
 
 
 def test_bf16_off_and_fp32_compute_without_a_gpu(monkeypatch):
@@ -159,4 +159,4 @@ def test_bf16_off_and_fp32_compute_without_a_gpu(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert models.native_bf16() is False
-    assert models._compute_dtype("auto") == torch.float32
+    assert models.compute_torch_dtype("auto") == torch.float32
