@@ -1,4 +1,8 @@
-"""dftlite: Discriminative Fine-Tuning (DFT/DFT2; Guo et al. 2025, arXiv 2502.18679) with QLoRA."""
+"""dftlite: Discriminative Fine-Tuning (DFT/DFT2; Guo et al. 2025, arXiv 2502.18679) with QLoRA.
+
+Not TRL's `loss_type="dft"`, which is Dynamic Fine-Tuning, an unrelated method; "DFT" in this package
+always means the discriminative one.
+"""
 
 import logging
 import warnings

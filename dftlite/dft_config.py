@@ -43,12 +43,14 @@ class DFTConfig(TrainingArguments):
     )
     tau: float | None = field(
         default=None,
-        metadata={"help": "Temperature τ > 0 of the negatives' term. None = the paper's: DFT 1.0, DFT2 0.3."},
+        metadata={"help": "Temperature τ > 0 of the negatives' term. None = DFT 1.0, DFT2 0.3: the paper's "
+                  "UltraFeedback values (Table 6); its MetaMathQA setting (Table 5) uses DFT 1.0, DFT2 0.1."},
     )
     gamma: float | None = field(
         default=None,
         metadata={"help": "Moving-average rate γ in (0, 1] of u (eq. 10); 1 = plain mini-batch estimate. "
-                  "None = the paper's: DFT 0.85, DFT2 0.9."},
+                  "None = DFT 0.85, DFT2 0.9: the paper's UltraFeedback values (Table 6); its MetaMathQA "
+                  "setting (Table 5) uses 0.95 for both."},
     )
     u_init: Literal["one", "first_batch"] = field(
         default="first_batch",
@@ -69,7 +71,8 @@ class DFTConfig(TrainingArguments):
     )
     num_negatives_per_step: int = field(
         default=2,
-        metadata={"help": "B, negatives per prompt per step (paper: 2). The pool needs B × epochs per prompt."},
+        metadata={"help": "B, negatives per prompt per step (default 2, as the paper's UltraFeedback setting, "
+                  "Table 6; its MetaMathQA setting, Table 5, uses 4). The pool needs B × epochs per prompt."},
     )
     pool_dir: str = field(default="", metadata={"help": "Negative pool of the training data, made by `dftlite sample`."})
     eval_data_path: str | None = field(
@@ -90,8 +93,9 @@ class DFTConfig(TrainingArguments):
         default=None,
         metadata={"help": "λ ≥ 0: adds λ·(token-level NLL of the gold answers) to the loss of dft, dft2 and simpo_sft "
                   "(an SFT anchor; the official DFT trainer computes this NLL but leaves it unused, TRL's DPO offers it "
-                  "as loss_type [sigmoid, sft]). None = dft2 2.5 (docs/results.md: it keeps the gold answers' "
-                  "likelihood within 0.1 nats of SFT's while the negatives fall), simpo_sft 1.0, dft 0.0 (the paper's)."},
+                  "as loss_type [sigmoid, sft]). None = dft2 2.5, simpo_sft 1.0, dft 0.0 (the paper has no such term). "
+                  "dft2's 2.5 comes from one sweep (docs/results.md, 'Sweep': SmolLM2-135M, 32 LoRA steps at lr 2e-3), "
+                  "chosen on the problems it was scored on; other models, learning rates and run lengths may need another λ."},
     )
     token_budget: int = field(
         default=0,
