@@ -96,8 +96,9 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
         if data_parallel_size > 1:
             kwargs["data_parallel_size"] = data_parallel_size
-        if enable_lora:
-            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)
+        if enable_lora:  # vLLM takes a rank cap from a fixed list: the smallest that holds the adapter's
+            cap = next(rank for rank in (1, 8, 16, 32, 64, 128, 256, 320, 512) if rank >= max_lora_rank)
+            kwargs.update(enable_lora=True, max_lora_rank=cap)
         # Whole prompts only: a prompt prefilled in chunks has its first sampled token discarded, and vLLM then
         # rewinds that request's seeded generator, which a CPU generator cannot do ("CPU Generator does not
         # use offset"); without chunking, a request's draws depend only on its own seed.

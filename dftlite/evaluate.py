@@ -288,7 +288,7 @@ def vllm_greedy_answers(model_config: ModelConfig, tokenizer, examples: list[Exa
     if adapter_path is not None:
         lora_rank = json.loads((Path(adapter_path) / "adapter_config.json").read_text())["r"]
     engine = VLLMEngine(path, dtype=vllm_dtype(model_config), max_model_len=max(map(len, prompt_ids)) + max_new_tokens,
-                        enable_lora=adapter_path is not None, max_lora_rank=lora_rank or 16,
+                        enable_lora=adapter_path is not None, max_lora_rank=lora_rank or 1,
                         trust_remote_code=model_config.trust_remote_code)
     try:
         answers = {}

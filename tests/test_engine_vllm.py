@@ -137,7 +137,33 @@ def test_kill_9_mid_pool_then_rerun_completes_it_with_no_record_twice(tmp_path):
     assert all(by_key[(r["id"], r["k"])] == r for r in kept)  # the killed run's records are kept as they were
 
 
-def test_train_consumes_a_vllm_pool(vllm_pool, tmp_path):
+def assert_same_or_near_tie(model, tokenizer, data: DataConfig, vllm_predictions: list[dict], hf_predictions: list[dict]):
+    """Greedy answers of the two engines are equal, or where one differs, the HF model's two best next tokens
+    at the first differing position are within rounding of each other (a tie fp32 kernels break either way)."""
+    import torch
+
+    examples = {e.id: e for e in load_data(data)}
+    eos_ids = stop_token_ids(model, tokenizer)
+    assert [p["id"] for p in vllm_predictions] == [p["id"] for p in hf_predictions]
+    differing = [(v, h) for v, h in zip(vllm_predictions, hf_predictions) if v["output"] != h["output"]]
+    print(f"greedy answers: {len(hf_predictions) - len(differing)}/{len(hf_predictions)} identical")
+    for vllm_answer, hf_answer in differing:
+        prompt = encode_prompt(tokenizer, render_prompt(tokenizer, examples[hf_answer["id"]].prompt, "chat"), "chat")
+        v_ids = tokenizer(vllm_answer["output"], add_special_tokens=False)["input_ids"]
+        h_ids = tokenizer(hf_answer["output"], add_special_tokens=False)["input_ids"]
+        split = next(i for i, (a, b) in enumerate(zip(v_ids + eos_ids[:1], h_ids + eos_ids[:1])) if a != b)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + h_ids[:split]])).logits[0, -1].double()
+        top2 = torch.topk(logits, 2).values
+        assert top2[0] - top2[1] < 1e-3, (hf_answer["id"], split, float(top2[0] - top2[1]))
+    return len(differing)
+
+
+def test_train_consumes_a_vllm_pool_and_eval_decodes_its_adapter_on_vllm(vllm_pool, tmp_path):
+    """DFT2 trains on the vLLM pool; `dftlite eval --engine vllm` then answers through the adapter (a LoRA on
+    the engine) as the HF engine does through the PEFT model."""
+    from dftlite.evaluate import EvalConfig, evaluate
+    from dftlite.models import load_model
     from dftlite.trainer import DFTConfig, train
 
     data, config, _ = vllm_pool
@@ -150,12 +176,18 @@ def test_train_consumes_a_vllm_pool(vllm_pool, tmp_path):
     assert losses and all(abs(loss) < 1e4 for loss in losses)
     assert (Path(result.adapter_path) / "adapter_model.safetensors").is_file()
 
+    evaluated = {engine: evaluate(MODEL, data, EvalConfig(adapter_path=result.adapter_path, max_new_tokens=32,
+                                                          engine=engine, json=True))
+                 for engine in ("vllm", "hf")}
+    model, tokenizer = load_model(MODEL, adapter_path=result.adapter_path, trainable=False)
+    model.eval()
+    differing = assert_same_or_near_tie(model, tokenizer, data, evaluated["vllm"]["adapter"]["predictions"],
+                                        evaluated["hf"]["adapter"]["predictions"])
+    assert differing <= 2
+
 
 def test_eval_greedy_answers_equal_the_hf_engines_or_differ_at_a_near_tie(hf_model, tmp_path):
-    """20 problems, greedy on both engines. Where an answer differs, the HF model's two best next tokens at
-    the first differing position are within rounding of each other (a tie that fp32 kernels break either way)."""
-    import torch
-
+    """20 problems, greedy on both engines (`assert_same_or_near_tie`)."""
     from dftlite.evaluate import EvalConfig, evaluate
 
     model, tokenizer = hf_model
@@ -163,19 +195,6 @@ def test_eval_greedy_answers_equal_the_hf_engines_or_differ_at_a_near_tie(hf_mod
     results = {engine: evaluate(MODEL, data, EvalConfig(max_new_tokens=64, engine=engine, json=True))
                for engine in ("vllm", "hf")}
     assert results["vllm"]["engine"] == "vllm" and results["hf"]["engine"] == "hf"
-    pairs = list(zip(results["vllm"]["base"]["predictions"], results["hf"]["base"]["predictions"]))
-    assert len(pairs) == 20
-    differing = [(v, h) for v, h in pairs if v["output"] != h["output"]]
-    print(f"greedy answers: {20 - len(differing)}/20 identical")
-    examples = {e.id: e for e in load_data(data)}
-    eos_ids = stop_token_ids(model, tokenizer)
-    for vllm_answer, hf_answer in differing:
-        prompt = encode_prompt(tokenizer, render_prompt(tokenizer, examples[hf_answer["id"]].prompt, "chat"), "chat")
-        v_ids = tokenizer(vllm_answer["output"], add_special_tokens=False)["input_ids"]
-        h_ids = tokenizer(hf_answer["output"], add_special_tokens=False)["input_ids"]
-        split = next(i for i, (a, b) in enumerate(zip(v_ids + eos_ids[:1], h_ids + eos_ids[:1])) if a != b)
-        with torch.no_grad():
-            logits = model(torch.tensor([prompt + h_ids[:split]])).logits[0, -1].double()
-        top2 = torch.topk(logits, 2).values
-        assert top2[0] - top2[1] < 1e-3, (hf_answer["id"], split, float(top2[0] - top2[1]))
-    assert len(differing) <= 4
+    differing = assert_same_or_near_tie(model, tokenizer, data, results["vllm"]["base"]["predictions"],
+                                        results["hf"]["base"]["predictions"])
+    assert len(results["hf"]["base"]["predictions"]) == 20 and differing <= 4
