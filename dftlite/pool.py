@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 META_FILE, POOL_FILE = "meta.json", "pool.jsonl"
+SHARDS_DIR = "shards"  # pool_dir/shards/<i>-of-<n>: pools of `dftlite sample --num_shards n --shard_index i`
 # Settings that change what is sampled: a pool made with other values is not this pool.
 SAMPLING_KEYS = ("template", "sampler_system_prompt", "temperature", "top_k", "top_p", "max_new_tokens", "seed", "score_train_prompt")
 
@@ -200,6 +201,19 @@ def append_records(path: Path, records: list[dict]):
                                 "`dftlite sample` resumes from them)")
 
 
+def check_same_sampling(old_meta: dict, meta: dict, template, config, pool_dir: Path):
+    """Raise PoolMismatchError unless the pool in pool_dir (`old_meta`) was sampled as this run (`meta`,
+    `config`, a SampleConfig) samples: the same model, template, sampling settings and engine."""
+    _raise_on_differences(old_meta, {"format_version": FORMAT_VERSION, "fingerprint": meta["fingerprint"],
+                                     **pool_settings(config, template)})
+    # one engine per pool: the engines' draws for the same seed differ (pools from before engines were hf's)
+    if old_meta.get("engine", "hf") != meta["engine"]:
+        raise PoolMismatchError(
+            f"the pool in {pool_dir} was sampled with engine {old_meta.get('engine', 'hf')!r}, this run uses "
+            f"{meta['engine']!r}; resume it with --engine {old_meta.get('engine', 'hf')} or use a new pool_dir"
+        )
+
+
 def open_pool(pool_dir: Path, meta: dict, template, config, prompts) -> dict[str, list[dict]]:
     """Create the pool, or check an existing one against this run (`meta`, the run's meta.json with its
     model fingerprint and engine; `config`, a SampleConfig; `prompts`, each with .id and .sampler_prompt)
@@ -217,14 +231,7 @@ def open_pool(pool_dir: Path, meta: dict, template, config, prompts) -> dict[str
         write_meta(pool_dir, meta)
         return {}
     old_meta = _read_meta(pool_dir)
-    _raise_on_differences(old_meta, {"format_version": FORMAT_VERSION, "fingerprint": meta["fingerprint"],
-                                     **pool_settings(config, template)})
-    # one engine per pool: the engines' draws for the same seed differ (pools from before engines were hf's)
-    if old_meta.get("engine", "hf") != meta["engine"]:
-        raise PoolMismatchError(
-            f"the pool in {pool_dir} was sampled with engine {old_meta.get('engine', 'hf')!r}, this run uses "
-            f"{meta['engine']!r}; resume it with --engine {old_meta.get('engine', 'hf')} or use a new pool_dir"
-        )
+    check_same_sampling(old_meta, meta, template, config, pool_dir)
     if old_meta.get("num_negatives", 0) > config.num_negatives:
         raise PoolMismatchError(
             f"the pool in {pool_dir} has num_negatives={old_meta['num_negatives']}; it can grow, not shrink "

@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 from dftlite.config import save_resolved_config
 from dftlite.data import DataConfig, DataError, encode_prompt, load_data, render_prompt
@@ -37,7 +40,8 @@ from dftlite.engine_vllm import ENGINES, resolve_engine
 from dftlite.models import (ModelConfig, config_fingerprint, load_model, model_fingerprint, plain_generation_config,
                             sampler_view, stop_token_ids)
 from dftlite.outputs import make_dir, output_lock
-from dftlite.pool import FORMAT_VERSION, POOL_FILE, append_records, open_pool, pool_settings, write_meta
+from dftlite.pool import (FORMAT_VERSION, POOL_FILE, SHARDS_DIR, append_records, check_same_sampling, open_pool,
+                          pool_settings, read_pool, write_meta)
 
 # batch_size=0: rows per generate call such that rows * (longest prompt + max_new_tokens) stays
 # within this many tokens of KV cache (SmolLM2-135M fp32: ~46 KB/token, so ~0.4 GB on CPU).
@@ -79,6 +83,12 @@ class SampleConfig:
     )
     tensor_parallel_size: int = field(default=1, metadata={"help": "engine vllm: GPUs per model replica (vLLM's tensor_parallel_size)."})
     data_parallel_size: int = field(default=1, metadata={"help": "engine vllm: model replicas (vLLM's data_parallel_size)."})
+    num_shards: int = field(
+        default=1, metadata={"help": "Split the prompts over this many processes (GPUs, machines): each samples its "
+                             "shard into pool_dir/shards/<shard_index>-of-<num_shards>; a run without shards then gathers "
+                             "them into pool_dir. Records are seeded per (seed, id, k): the same as one process's."}
+    )
+    shard_index: int = field(default=0, metadata={"help": "This process's shard, 0 .. num_shards-1 (prompts i with i % num_shards == shard_index)."})
     repair_pool: bool = field(
         default=False, metadata={"help": "A pool.jsonl with a corrupt or duplicated line: keep the records before it, "
                                  "move that line and the rest to pool.jsonl.bad-<time> (nothing is deleted), resample."}
@@ -103,6 +113,8 @@ class SampleConfig:
             raise ValueError(f"batch_size must be >= 0 (0 = automatic), got {self.batch_size}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(f"shard_index must lie in 0 .. num_shards - 1 = {self.num_shards - 1}, got {self.shard_index}")
         if self.tensor_parallel_size < 1 or self.data_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size and data_parallel_size must be >= 1, got "
                              f"{self.tensor_parallel_size} and {self.data_parallel_size}")
@@ -293,8 +305,31 @@ def sample_pool(model_config: ModelConfig, data_config: DataConfig, sample_confi
 
     pool_dir is locked for the run (`dftlite.outputs.output_lock`): a second run on it stops at once."""
     examples = load_data(data_config)  # raises DataError on an empty dataset
+    if sample_config.num_shards > 1:  # this process's prompts, into the shard's own directory
+        examples = examples[sample_config.shard_index :: sample_config.num_shards]
+        sample_config = replace(sample_config, pool_dir=str(shard_dir(sample_config)))
     with output_lock(sample_config.pool_dir, "pool_dir"):  # before the model loads: a second run stops at once
         return _sample_pool(model_config, data_config, sample_config, examples, model, tokenizer)
+
+
+def shard_dir(config: SampleConfig) -> Path:
+    return Path(config.pool_dir) / SHARDS_DIR / f"{config.shard_index}-of-{config.num_shards}"
+
+
+def _gather_shards(pool_dir: Path, meta: dict, template: str, config: SampleConfig, records_by_id: dict[str, list[dict]]):
+    """Append the records of pool_dir/shards/* that the pool lacks (each shard checked against this run's
+    settings and engine, as a resumed pool is); the shards stay where they are."""
+    have = {(r["id"], r["k"]) for rs in records_by_id.values() for r in rs}
+    for shard in sorted((pool_dir / SHARDS_DIR).iterdir()):
+        shard_meta, shard_records = read_pool(shard, f"shard {shard}")
+        check_same_sampling(shard_meta, meta, template, config, shard)
+        new = [r for rs in shard_records.values() for r in rs if (r["id"], r["k"]) not in have and r["k"] < config.num_negatives]
+        if new:
+            append_records(pool_dir / POOL_FILE, new)
+        for record in new:
+            records_by_id.setdefault(record["id"], []).append(record)
+            have.add((record["id"], record["k"]))
+        logger.info("gathered %d records from %s", len(new), shard)
 
 
 def _hf_decoded(model, todo, config: SampleConfig, eos_ids: list[int], pad_id: int, progress):
@@ -362,6 +397,8 @@ def _sample_pool(model_config: ModelConfig, data_config: DataConfig, sample_conf
     }
     records_by_id = open_pool(pool_dir, meta, template, config, prompts)
     save_resolved_config(pool_dir, model_config, data_config, sample_config)
+    if config.num_shards == 1 and (pool_dir / SHARDS_DIR).is_dir():
+        _gather_shards(pool_dir, meta, template, config, records_by_id)
 
     done = {(r["id"], r["k"]) for rs in records_by_id.values() for r in rs}
     todo = [(p, k) for p in prompts for k in range(config.num_negatives) if (p.id, k) not in done]

@@ -327,3 +327,23 @@ def test_no_sampler_system_prompt_samples_from_the_training_prompt(tiny, data_fi
         assert pairs
         assert all(a == pytest.approx(b, abs=1e-5) for a, b in pairs) is same
         assert ("unhelpful" in json.dumps(meta)) is (not same)
+
+
+def test_shards_gather_into_the_one_process_pool(tiny, data_file, reference_pool, tmp_path):
+    """3 shards of the 6 prompts (as 3 GPUs or machines would run them), then one run without shards: the
+    gathered pool holds the reference pool's records, each once; a shard with other settings is refused."""
+    for index in range(3):
+        stats = run(tiny, data_file, tmp_path, score_train_prompt=True, num_shards=3, shard_index=index)
+        assert stats.num_prompts == 2  # prompts index, index + 3
+    stats = run(tiny, data_file, tmp_path, score_train_prompt=True)
+    assert stats.new_records == 0 and stats.num_records == 24  # all gathered, nothing left to sample
+    assert pool_tokens(tmp_path) == pool_tokens(reference_pool[0])
+    _, gathered = load_pool(tmp_path)
+    _, reference = load_pool(reference_pool[0])
+    for example_id, records in reference.items():  # log-probs: other batches, so equal up to fp32 rounding
+        for mine, theirs in zip(gathered[example_id], records):
+            assert mine["logp_sampler"] == pytest.approx(theirs["logp_sampler"], abs=1e-4)
+            assert mine["logp_train_prompt"] == pytest.approx(theirs["logp_train_prompt"], abs=1e-4)
+    run(tiny, data_file, tmp_path / "other", temperature=0.9, num_shards=2, shard_index=0)
+    with pytest.raises(PoolMismatchError, match="temperature"):
+        run(tiny, data_file, tmp_path / "other", temperature=0.7)
