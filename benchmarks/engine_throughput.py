@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import commit, machine  # noqa: E402
 
 DEV = Path(__file__).resolve().parent.parent / "dftlite" / "resources" / "gsm8k" / "dev.jsonl"
+EMBEDDED = "smollm2-135m-instruct"
 
 
 def parse():
@@ -38,30 +39,32 @@ def parse():
     return parser.parse_args()
 
 
-def sample(engine: str, args, work_dir: str) -> tuple[dict, str]:
+def sample(engine: str, model: str, precision: str, prompts: int, num_negatives: int, max_new_tokens: int,
+           work_dir: str) -> tuple[dict, str]:
     from dftlite.data import DataConfig
     from dftlite.models import ModelConfig
     from dftlite.sampling import SampleConfig, sample_pool
 
     pool_dir = str(Path(work_dir) / engine)
     started = time.perf_counter()
-    stats = sample_pool(ModelConfig(precision=args.precision), DataConfig(data_path=str(DEV), max_examples=args.prompts),
-                        SampleConfig(pool_dir=pool_dir, num_negatives=args.num_negatives,
-                                     max_new_tokens=args.max_new_tokens, seed=0, engine=engine))
+    stats = sample_pool(ModelConfig(model_name_or_path=model, precision=precision),
+                        DataConfig(data_path=str(DEV), max_examples=prompts),
+                        SampleConfig(pool_dir=pool_dir, num_negatives=num_negatives, max_new_tokens=max_new_tokens,
+                                     seed=0, engine=engine))
     wall = time.perf_counter() - started
     return {"tokens": stats.new_tokens, "sampling_seconds": round(stats.seconds, 1),
             "tokens_per_s": round(stats.tokens_per_second, 1), "wall_seconds_with_start": round(wall, 1),
             "mean_tokens": round(stats.mean_tokens, 1), "share_length": round(stats.share_length, 3)}, pool_dir
 
 
-def logprob_agreement(pool_dir: str) -> dict:
+def logprob_agreement(pool_dir: str, model_name: str) -> dict:
     """logp_sampler of the pool against the fp32 HF model's teacher forcing, per token."""
     from dftlite.data import encode_prompt
     from dftlite.models import ModelConfig, load_base_model
     from dftlite.pool import load_pool
     from dftlite.sampling import score_completions
 
-    model, tokenizer = load_base_model(ModelConfig(precision="fp32"))
+    model, tokenizer = load_base_model(ModelConfig(model_name_or_path=model_name, precision="fp32"))
     model.eval()
     _, records_by_id = load_pool(pool_dir)
     records = [r for rs in records_by_id.values() for r in rs]
@@ -75,19 +78,27 @@ def logprob_agreement(pool_dir: str) -> dict:
             "max_per_token": round(max(differences), 6)}
 
 
-def main():
-    args = parse()
-    result = {"benchmark": "engine_throughput", "commit": commit(), "machine": machine(), "prompts": args.prompts,
-              "num_negatives": args.num_negatives, "max_new_tokens": args.max_new_tokens, "precision": args.precision}
+def compare(model: str, precision: str, prompts: int, num_negatives: int, max_new_tokens: int,
+            engines: tuple[str, ...] = ("hf", "vllm")) -> dict:
+    """Each engine's figures, the vLLM pool's log-prob agreement, and vLLM's tokens/s over HF's."""
+    result = {"prompts": prompts, "num_negatives": num_negatives, "max_new_tokens": max_new_tokens, "precision": precision}
     with tempfile.TemporaryDirectory() as work_dir:
         pools = {}
-        for engine in args.engines.split(","):
-            result[engine], pools[engine] = sample(engine, args, work_dir)
+        for engine in engines:
+            result[engine], pools[engine] = sample(engine, model, precision, prompts, num_negatives, max_new_tokens,
+                                                   work_dir)
         if "vllm" in pools:
-            result["vllm_logp_sampler_vs_fp32_teacher_forcing"] = logprob_agreement(pools["vllm"])
+            result["vllm_logp_sampler_vs_fp32_teacher_forcing"] = logprob_agreement(pools["vllm"], model)
     if "hf" in result and "vllm" in result:
         result["vllm_over_hf_tokens_per_s"] = round(result["vllm"]["tokens_per_s"] / result["hf"]["tokens_per_s"], 2)
-    print(json.dumps(result))
+    return result
+
+
+def main():
+    args = parse()
+    figures = compare(EMBEDDED, args.precision, args.prompts, args.num_negatives, args.max_new_tokens,
+                      tuple(args.engines.split(",")))
+    print(json.dumps({"benchmark": "engine_throughput", "commit": commit(), "machine": machine(), **figures}))
 
 
 if __name__ == "__main__":  # vLLM starts its engine in new processes, which import this file again

@@ -61,15 +61,17 @@ import common  # noqa: E402  (puts the repository on sys.path too)
 
 import torch  # noqa: E402
 
-# (name, what it measures, time cap in seconds on a GPU machine); the caps add up to 470 s (the first H200 run,
-# under caps of 20/50/60/100/50/170 s, took 18, 44, >60, 69, >50 and 55 s), which leaves 70 s of the command's
+# (name, what it measures, time cap in seconds on a GPU machine); the caps add up to 500 s (the first H200 run,
+# under caps of 20/50/60/100/50/170 s, took 18, 44, >60, 69, >50 and 55 s), which leaves 40 s of the command's
 # 540 s limit (docs/benchmarks.md, "The command") for installing the wheels and starting the interpreter.
+# vllm_sampling needs vLLM on the machine (no wheel of it fits the 64 MiB that travels); without it, it is skipped.
 STAGES = (
     ("environment", "Environment", 20),
     ("gpu_tests", "GPU tests (pytest -m gpu)", 50),
-    ("step_cost_smollm2_135m", "Step cost, SmolLM2-135M shape: DFT2 vs SFT vs TRL DPO", 110),
-    ("step_cost_llama_1b", "Step cost, Llama-3.2-1B shape: DFT2 vs SFT vs TRL DPO", 90),
-    ("sampling", "Sampling throughput: sample_pool vs a generate loop", 100),
+    ("step_cost_smollm2_135m", "Step cost, SmolLM2-135M shape: DFT2 vs SFT vs TRL DPO", 100),
+    ("step_cost_llama_1b", "Step cost, Llama-3.2-1B shape: DFT2 vs SFT vs TRL DPO", 80),
+    ("sampling", "Sampling throughput: sample_pool vs a generate loop", 70),
+    ("vllm_sampling", "Sampling engines: HF generate vs vLLM, one pool", 80),
     ("t4_goal_llama_8b", "T4 goal: DFT2 QLoRA step of a Llama-3-8B shape in 15 GiB", 100),
 )
 T4_MEMORY_BYTES = 15 * 2**30  # a T4 shows 15360 MiB to PyTorch
@@ -202,6 +204,21 @@ def stage_sampling(args, progress: Progress):
                                                   max_new_tokens=8 if args.tiny else 64, work_dir=args.work_dir))
 
 
+def stage_vllm_sampling(args, progress: Progress):
+    """benchmarks/engine_throughput.py on the 135M shape: both engines draw the same pool."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise Skip("no vllm")
+    import engine_throughput
+
+    model_dir = common.shaped_model("smollm2-135m", Path(args.work_dir), tiny=args.tiny)
+    progress.update(model=Path(model_dir).name)
+    progress.update(**engine_throughput.compare(model_dir, "bf16" if common.on_cuda() else "fp32",
+                                                prompts=4 if args.tiny else 256, num_negatives=2,
+                                                max_new_tokens=8 if args.tiny else 128))
+
+
 def stage_t4_goal(args, progress: Progress):
     """One DFT2 QLoRA step of an 8B Llama under a 15 GiB cap: the computation of DFTTrainer's step
     (fp16 autocast around chunked scoring, dft2_loss, backward, clip, AdamW with a grad scaler, as
@@ -290,7 +307,7 @@ def stage_t4_goal(args, progress: Progress):
 
 RUNNERS = {"environment": stage_environment, "gpu_tests": stage_gpu_tests,
            "step_cost_smollm2_135m": step_cost_stage("smollm2-135m"), "step_cost_llama_1b": step_cost_stage("llama-3.2-1b"),
-           "sampling": stage_sampling, "t4_goal_llama_8b": stage_t4_goal}
+           "sampling": stage_sampling, "vllm_sampling": stage_vllm_sampling, "t4_goal_llama_8b": stage_t4_goal}
 
 
 # ---- running stages --------------------------------------------------------------------------
