@@ -40,8 +40,8 @@ from dftlite.engine_vllm import ENGINES, resolve_engine
 from dftlite.models import (ModelConfig, config_fingerprint, load_model, model_fingerprint, plain_generation_config,
                             sampler_view, stop_token_ids)
 from dftlite.outputs import make_dir, output_lock
-from dftlite.pool import (FORMAT_VERSION, POOL_FILE, SHARDS_DIR, append_records, check_same_sampling, open_pool,
-                          pool_settings, read_pool, write_meta)
+from dftlite.pool import (FORMAT_VERSION, POOL_FILE, SHARDS_DIR, PoolMismatchError, append_records, check_same_sampling,
+                          open_pool, pool_settings, read_pool, write_meta)
 
 # batch_size=0: rows per generate call such that rows * (longest prompt + max_new_tokens) stays
 # within this many tokens of KV cache (SmolLM2-135M fp32: ~46 KB/token, so ~0.4 GB on CPU).
@@ -316,13 +316,19 @@ def shard_dir(config: SampleConfig) -> Path:
     return Path(config.pool_dir) / SHARDS_DIR / f"{config.shard_index}-of-{config.num_shards}"
 
 
-def _gather_shards(pool_dir: Path, meta: dict, template: str, config: SampleConfig, records_by_id: dict[str, list[dict]]):
+def _gather_shards(pool_dir: Path, meta: dict, template: str, config: SampleConfig, prompts: list[_Prompt],
+                   records_by_id: dict[str, list[dict]]):
     """Append the records of pool_dir/shards/* that the pool lacks (each shard checked against this run's
-    settings and engine, as a resumed pool is); the shards stay where they are."""
+    data, settings and engine, as a resumed pool is); the shards stay where they are."""
     have = {(r["id"], r["k"]) for rs in records_by_id.values() for r in rs}
+    known = {p.id for p in prompts}
     for shard in sorted((pool_dir / SHARDS_DIR).iterdir()):
         shard_meta, shard_records = read_pool(shard, f"shard {shard}")
         check_same_sampling(shard_meta, meta, template, config, shard)
+        unknown = sorted(set(shard_records) - known)
+        if unknown:
+            raise PoolMismatchError(f"shard {shard} holds {len(unknown)} id(s) not in this run's data, e.g. "
+                                    f"{unknown[:3]}; it was sampled from other data")
         new = [r for rs in shard_records.values() for r in rs if (r["id"], r["k"]) not in have and r["k"] < config.num_negatives]
         if new:
             append_records(pool_dir / POOL_FILE, new)
@@ -398,7 +404,7 @@ def _sample_pool(model_config: ModelConfig, data_config: DataConfig, sample_conf
     records_by_id = open_pool(pool_dir, meta, template, config, prompts)
     save_resolved_config(pool_dir, model_config, data_config, sample_config)
     if config.num_shards == 1 and (pool_dir / SHARDS_DIR).is_dir():
-        _gather_shards(pool_dir, meta, template, config, records_by_id)
+        _gather_shards(pool_dir, meta, template, config, prompts, records_by_id)
 
     done = {(r["id"], r["k"]) for rs in records_by_id.values() for r in rs}
     todo = [(p, k) for p in prompts for k in range(config.num_negatives) if (p.id, k) not in done]
@@ -420,7 +426,8 @@ def _sample_pool(model_config: ModelConfig, data_config: DataConfig, sample_conf
     prompts_done = sum(1 for v in remaining.values() if v == 0)
     # Progress in tokens; the total is the budget, completions × max_new_tokens, and a batch that stops early
     # adds its unused budget at its end.
-    view = sampler_view(model) if engine_name == "hf" else contextlib.nullcontext()  # the base: adapters off
+    # hf: the base is the model with its adapters off; vllm: the engine stops when the pool is done (or fails)
+    view = sampler_view(model) if engine_name == "hf" else contextlib.closing(engine) if todo else contextlib.nullcontext()
     with view, Progress("sampling", total=len(todo) * config.max_new_tokens, unit="tokens", console=console) as progress:
         progress.status = f"{prompts_done}/{len(prompts)} prompts"
         decoded = (_vllm_decoded(engine, todo, config, eos_ids, progress) if engine_name == "vllm" and todo
