@@ -1,8 +1,9 @@
 """The CPU default (DFT2, λ 2.5, lr 2e-3) and SFT at its best lr, 3 training seeds each, scored on dev
 problems 151–300: the problems no sweep configuration was chosen on (a benchmark, not a test).
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/heldout_gsm8k.py           # about an hour on 2 CPU cores
-    .venv/bin/python benchmarks/heldout_gsm8k.py --report                   # table and JSON only
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/heldout_gsm8k.py               # train and score (~40 min, 2 cores)
+    OMP_NUM_THREADS=2 .venv-vllm/bin/python benchmarks/heldout_gsm8k.py --accuracy  # greedy accuracy, on vLLM
+    .venv/bin/python benchmarks/heldout_gsm8k.py --report                       # table and JSON only
 
 benchmarks/sweep_gsm8k.py chose the default among about 30 configurations on dev problems 1–150 and
 reports it there. This script repeats the two rows that the headline compares, with everything the
@@ -10,7 +11,10 @@ sweep fixes (64 train problems, 32 steps, S = 4, B = 2, fp32 LoRA r 16, max_leng
 sampled once with seed 0), on dev problems 151–300 with their own pool (2 negatives each, sampled
 once from the base under "You are an unhelpful assistant.", 128 new tokens, seed 0). Only the
 training seed (LoRA initialisation, data order, negative draws) changes between the 3 runs of a
-configuration. Each run gets the teacher-forced metrics and greedy accuracy (160 new tokens).
+configuration. Each run gets the teacher-forced metrics and greedy accuracy (160 new tokens). The
+greedy answers of the base and the six adapters come from one vLLM engine (fp32, each adapter as a
+LoRA): `generate` decodes 7 × 150 × 160 tokens in about an hour on 2 cores; tests/test_engine_vllm.py
+checks that the two engines' greedy answers agree.
 
 Everything lives under --run_dir (default runs/heldout, ignored by git); per run
 <name>/result.json as in the sweep, and the summary goes to docs/heldout_results.json.
@@ -22,11 +26,13 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from replicate_gsm8k import REPO  # noqa: E402
-from sweep_gsm8k import CONFIGS, Inputs, add_accuracy, train_one  # noqa: E402
+from common import commit  # noqa: E402
+from sweep_gsm8k import CONFIGS, Inputs, train_one, write_result  # noqa: E402
 
 SEEDS = (0, 1, 2)
 # The sweep's rows that the headline compares: the chosen default and the best SFT (its best gold
@@ -39,6 +45,7 @@ def parse():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run_dir", default="runs/heldout")
     parser.add_argument("--report", action="store_true", help="only write docs/heldout_results.json")
+    parser.add_argument("--accuracy", action="store_true", help="only add greedy accuracy (vLLM) to the finished runs")
     args = parser.parse_args()
     # The sweep's fixed settings (sweep_gsm8k.parse's defaults), on dev problems 151–300
     args.num_train, args.num_dev, args.dev_start = 64, 150, 150
@@ -50,14 +57,57 @@ def main():
     args = parse()
     run_dir = Path(args.run_dir)
     runs = {f"{row}_seed{seed}": {**overrides, "seed": seed} for row, overrides in ROWS.items() for seed in SEEDS}
-    if not args.report:
+    if args.accuracy:
+        add_vllm_accuracy(args, run_dir, ["base", *runs])
+    elif not args.report:
         inputs = Inputs(args, run_dir)
         for name, overrides in runs.items():
             if not (run_dir / name / "result.json").exists():
                 train_one(args, inputs, name, overrides)
-            add_accuracy(args, inputs, name)
-        add_accuracy(args, inputs, "base")
     report(run_dir, runs)
+
+
+def add_vllm_accuracy(args, run_dir: Path, names: list[str]):
+    """Greedy accuracy of each finished run (and the base) on one vLLM engine, the adapters as LoRAs; the
+    same fields as sweep_gsm8k.add_accuracy writes."""
+    from dftlite.data import DataConfig, load_data
+    from dftlite.demo import wilson_interval
+    from dftlite.engine_vllm import VLLMEngine, base_metadata
+    from dftlite.evaluate import _numeric, extract_answer
+    from dftlite.data import encode_prompt, render_prompt
+    from dftlite.models import ModelConfig
+
+    model_config = ModelConfig(precision=args.precision, lora_r=16, lora_alpha=32)
+    examples = load_data(DataConfig(data_path=str(run_dir / "data" / "dev.jsonl"), max_length=args.max_length))
+    path, tokenizer, _, eos_ids = base_metadata(model_config)
+    scored = _numeric(examples)
+    prompt_ids = [encode_prompt(tokenizer, render_prompt(tokenizer, e.prompt, "chat"), "chat") for e, _ in scored]
+    todo = [n for n in names if (run_dir / n / "result.json").exists()
+            and "accuracy" not in json.loads((run_dir / n / "result.json").read_text())]
+    if not todo:
+        return
+    engine = VLLMEngine(path, dtype="float32", max_model_len=max(map(len, prompt_ids)) + args.max_new_tokens,
+                        enable_lora=True, max_lora_rank=16)
+    try:
+        for name in todo:
+            result = json.loads((run_dir / name / "result.json").read_text())
+            tick = time.time()
+            tokens = engine.greedy(prompt_ids, max_new_tokens=args.max_new_tokens, eos_ids=eos_ids,
+                                   lora_path=None if name == "base" else result["adapter_path"])
+            outputs = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+            correct = sum(extract_answer(o) == gold for o, (_, gold) in zip(outputs, scored))
+            result["accuracy"] = {
+                "accuracy": correct / len(scored), "correct": correct, "total": len(scored),
+                "interval_95": list(wilson_interval(correct, len(scored))),
+                "format_share": sum("####" in o for o in outputs) / len(outputs),
+                "mean_answer_tokens": sum(len(t) for t in tokens) / len(tokens),
+                "max_new_tokens": args.max_new_tokens, "engine": "vllm", "commit": commit(),
+                "seconds": time.time() - tick,
+            }
+            write_result(run_dir / name, result)
+            print(f"{name}: {correct}/{len(scored)} correct", flush=True)
+    finally:
+        engine.close()
 
 
 def report(run_dir: Path, runs: dict):
