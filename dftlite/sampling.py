@@ -88,7 +88,7 @@ class SampleConfig:
                              "shard into pool_dir/shards/<shard_index>-of-<num_shards>; a run without shards then gathers "
                              "them into pool_dir. Records are seeded per (seed, id, k): the same as one process's."}
     )
-    shard_index: int = field(default=0, metadata={"help": "This process's shard, 0 .. num_shards-1 (prompts i with i % num_shards == shard_index)."})
+    shard_index: int = field(default=0, metadata={"help": "This process's shard, 0 .. num_shards-1: every num_shards-th prompt, from prompt shard_index on."})
     repair_pool: bool = field(
         default=False, metadata={"help": "A pool.jsonl with a corrupt or duplicated line: keep the records before it, "
                                  "move that line and the rest to pool.jsonl.bad-<time> (nothing is deleted), resample."}

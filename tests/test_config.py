@@ -126,7 +126,7 @@ def test_train_help_does_not_offer_refused_keys():
     assert "--learning_rate" in out.stdout and "--hub_token" not in out.stdout
 
 
-@pytest.mark.parametrize("command", [[], ["train"]])  # train imports every library the others do
+@pytest.mark.parametrize("command", [[], ["train"], ["sample"], ["eval"]])  # train imports every library the others do
 def test_help_prints_no_warning_or_library_noise(command):
     # -W default shows every warning Python would otherwise hide; none may reach the user on --help
     out = subprocess.run([sys.executable, "-W", "default", "-m", "dftlite.cli", *command, "--help"],
