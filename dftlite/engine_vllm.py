@@ -107,6 +107,7 @@ class VLLMEngine:
                        enable_chunked_prefill=False,
                        trust_remote_code=trust_remote_code, **kwargs)
         self.dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+        self._lora_ids: dict[str, int] = {}
 
     def _generate(self, prompt_ids: list[list[int]], params, lora_path: str | None = None):
         from vllm.inputs import TokensPrompt
@@ -115,7 +116,10 @@ class VLLMEngine:
         if lora_path is not None:
             from vllm.lora.request import LoRARequest
 
-            lora = LoRARequest("adapter", 1, lora_path)
+            # vLLM caches a LoRA by its integer id: each adapter path needs its own, or a second adapter
+            # would silently reuse the first one's weights
+            lora_id = self._lora_ids.setdefault(lora_path, len(self._lora_ids) + 1)
+            lora = LoRARequest(f"adapter-{lora_id}", lora_id, lora_path)
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
         return self.llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
 
