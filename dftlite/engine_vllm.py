@@ -20,10 +20,7 @@ engine's (another sampler), so a pool is sampled by one engine: meta.json record
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
-
-logger = logging.getLogger(__name__)
 
 ENGINES = ("auto", "hf", "vllm")
 CPU_KV_CACHE_BYTES = 2 << 30
