@@ -149,13 +149,18 @@ class SeededSampler:
     """A LogitsProcessor that samples each row from its own generator and forces that token.
 
     generate runs with do_sample=False and no other processor, so `scores` here are the raw
-    logits; we apply temperature / top-k / top-p ourselves, draw u ~ U[0,1) from the row's CPU
-    generator, take the inverse CDF, and return logits that are -inf except the chosen token,
+    logits; we apply temperature / top-k / top-p ourselves, take the row's next u ~ U[0,1) from its
+    CPU generator, take the inverse CDF, and return logits that are -inf except the chosen token,
     which greedy decoding then takes. log P_g0 at temperature 1 is kept per step: no extra forward.
+
+    Each row's uniforms for all `max_steps` are drawn up front and moved to the device once: the
+    same numbers as one draw per step (a CPU generator's stream does not depend on how it is cut),
+    without a Python loop over the rows and a host-to-device copy at every decoding step.
     """
 
-    def __init__(self, seeds: list[int], temperature: float, top_k: int, top_p: float):
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+    def __init__(self, seeds: list[int], temperature: float, top_k: int, top_p: float, max_steps: int, device=None):
+        uniforms = [torch.rand(max_steps, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in seeds]
+        self.uniforms = torch.stack(uniforms).to(device)  # (B, max_steps)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.step_logps: list[torch.Tensor] = []  # per step: (B,) log P_g0(chosen token)
 
@@ -171,8 +176,8 @@ class SeededSampler:
             remove[:, -1] = False
             scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
         cdf = torch.softmax(scores.double(), dim=-1).cumsum(dim=-1)  # (B, V)
-        uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])
-        target = (uniform.to(cdf.device) * cdf[:, -1]).unsqueeze(1)  # (B, 1)
+        uniform = self.uniforms[:, len(self.step_logps)]  # (B,) this step's draw of each row
+        target = (uniform * cdf[:, -1]).unsqueeze(1)  # (B, 1)
         # first index whose cdf exceeds the target: never a token of probability 0
         chosen = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)  # (B, 1)
         self.step_logps.append(torch.log_softmax(raw, dim=-1).gather(1, chosen).squeeze(1))
@@ -195,7 +200,7 @@ def generate_batch(model, prompt_ids: list[list[int]], seeds: list[int], config:
 
     device = next(model.parameters()).device
     input_ids, attention_mask = _left_pad(prompt_ids, pad_id, device)
-    sampler = SeededSampler(seeds, config.temperature, config.top_k, config.top_p)
+    sampler = SeededSampler(seeds, config.temperature, config.top_k, config.top_p, config.max_new_tokens, device)
     with plain_generation_config(model, config.max_new_tokens, eos_ids, pad_id) as generation_config, torch.no_grad():
         sequences = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,

@@ -201,3 +201,37 @@ def test_eval_greedy_answers_equal_the_hf_engines_or_differ_at_a_near_tie(hf_mod
     differing = assert_same_or_near_tie(model, tokenizer, data, results["vllm"]["base"]["predictions"],
                                         results["hf"]["base"]["predictions"])
     assert len(results["hf"]["base"]["predictions"]) == 20 and differing <= 4
+
+
+def test_one_engine_answers_through_each_of_two_adapters_as_peft_does(hf_model, tmp_path):
+    """Two adapters, one after the other and back, on one engine: each answer is that adapter's. (vLLM keys a
+    LoRA by its integer id, so an engine that gave every path the same id answered with the first adapter.)"""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from dftlite.engine_vllm import VLLMEngine, base_metadata
+    from dftlite.evaluate import greedy_generate
+
+    model, tokenizer = hf_model
+    prompts = [render_prompt(tokenizer, row["question"], "chat") for row in dev_rows(4)]
+    answers = {}
+    for name, seed in (("a", 1), ("b", 2)):  # large random adapters: their greedy answers differ from each other's
+        peft_model = get_peft_model(load_base_model(MODEL)[0], LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(seed)
+            for param_name, param in peft_model.named_parameters():
+                if "lora_" in param_name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+        peft_model.save_pretrained(tmp_path / name)
+        answers[name] = greedy_generate(peft_model, tokenizer, prompts, max_new_tokens=12)
+    assert answers["a"] != answers["b"]
+
+    path, _, _, eos_ids = base_metadata(MODEL)
+    prompt_ids = [encode_prompt(tokenizer, p, "chat") for p in prompts]
+    engine = VLLMEngine(path, dtype="float32", max_model_len=512, enable_lora=True, max_lora_rank=4)
+    try:
+        for name in ("a", "b", "a"):
+            tokens = engine.greedy(prompt_ids, max_new_tokens=12, eos_ids=eos_ids, lora_path=str(tmp_path / name))
+            assert [tokenizer.decode(t, skip_special_tokens=True) for t in tokens] == answers[name], name
+    finally:
+        engine.close()

@@ -242,7 +242,7 @@ def test_seeded_sampler_draws_from_the_tempered_truncated_distribution():
     # known answer: frequencies of 4000 independent rows vs softmax(logits / T) after top-k
     logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])
     rows = 4000
-    sampler = SeededSampler(list(range(rows)), temperature=0.7, top_k=3, top_p=1.0)
+    sampler = SeededSampler(list(range(rows)), temperature=0.7, top_k=3, top_p=1.0, max_steps=1)
     out = sampler(None, logits.repeat(rows, 1))
     chosen = out.argmax(dim=1)
     assert torch.isinf(out).sum() == rows * 4  # all but the chosen token are -inf
@@ -252,8 +252,23 @@ def test_seeded_sampler_draws_from_the_tempered_truncated_distribution():
     assert torch.allclose(observed[:3], expected, atol=0.03)
     assert torch.allclose(sampler.step_logps[0], torch.log_softmax(logits, 0)[chosen], atol=1e-6)
     # top_p keeps the smallest set with mass >= p: here only the first token
-    nucleus = SeededSampler([0, 1, 2], temperature=1.0, top_k=0, top_p=0.5)
+    nucleus = SeededSampler([0, 1, 2], temperature=1.0, top_k=0, top_p=0.5, max_steps=1)
     assert nucleus(None, logits.repeat(3, 1)).argmax(dim=1).tolist() == [0, 0, 0]
+
+
+def test_seeded_sampler_takes_one_draw_per_step_from_each_rows_generator():
+    # the uniforms drawn up front are the stream of one torch.rand(1) per step (how earlier versions drew
+    # them), so a pool sampled by an earlier version resumes with the same completions
+    seeds, steps = [3, 2**62 + 7, 11], 5
+    sampler = SeededSampler(seeds, temperature=0.9, top_k=0, top_p=1.0, max_steps=steps)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    for step in range(steps):
+        logits = torch.randn(len(seeds), 7, generator=torch.Generator().manual_seed(100 + step), dtype=torch.float64)
+        chosen = sampler(None, logits.float()).argmax(dim=1)
+        for row, generator in enumerate(generators):
+            u = torch.rand(1, generator=generator, dtype=torch.float64).item()
+            cdf = torch.softmax(logits[row].float().double() / 0.9, dim=0).cumsum(dim=0)
+            assert chosen[row].item() == int(torch.searchsorted(cdf, u * cdf[-1], right=True))
 
 
 def test_sampler_view_ignores_lora(tiny_model_dir, data_file, tmp_path):
