@@ -167,7 +167,7 @@ def test_header_commands_reads_options_only(tmp_path):
 # The paper's settings (arXiv 2502.18679): Table 5 = Setting 1 (MetaMathQA), Table 6 = UltraFeedback.
 # (tau, gamma, epochs, B) per recipe; tau None = not confirmed, not asserted (Table 5's DFT τ).
 PAPER_SETTINGS = {
-    "mistral-7b_metamathqa_dft": ("Table 5", None, 0.95, 3, 4),
+    "mistral-7b_metamathqa_dft": ("Table 5", 1.0, 0.95, 3, 4),
     "mistral-7b_metamathqa_dft2": ("Table 5", 0.1, 0.95, 3, 4),
     "mistral-7b_ultrafeedback_dft": ("Table 6", 1.0, 0.85, 2, 2),
     "mistral-7b_ultrafeedback_dft2": ("Table 6", 0.3, 0.9, 2, 2),
@@ -196,8 +196,7 @@ def test_recipe_carries_its_paper_table(path, key, parse):
     _, _, job = parse("train", ["--config", str(path)])
     _, _, sample = parse("sample", ["--config", str(path)])
     assert job.method == raw["method"] == key.rsplit("_", 1)[1]
-    if tau is not None:
-        assert job.tau == raw["tau"] == tau
+    assert job.tau == raw["tau"] == tau
     assert job.gamma == raw["gamma"] == gamma
     assert job.num_train_epochs == raw["num_train_epochs"] == epochs
     assert job.num_negatives_per_step == raw["num_negatives_per_step"] == negatives_per_step
