@@ -31,8 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from replicate_gsm8k import REPO  # noqa: E402
-from common import commit  # noqa: E402
-from sweep_gsm8k import CONFIGS, Inputs, train_one, write_result  # noqa: E402
+from sweep_gsm8k import CONFIGS, Inputs, accuracy_record, train_one, write_result  # noqa: E402
 
 SEEDS = (0, 1, 2)
 # The sweep's rows that the headline compares: the chosen default and the best SFT (its best gold
@@ -70,18 +69,15 @@ def main():
 def add_vllm_accuracy(args, run_dir: Path, names: list[str]):
     """Greedy accuracy of each finished run (and the base) on one vLLM engine, the adapters as LoRAs; the
     same fields as sweep_gsm8k.add_accuracy writes."""
-    from dftlite.data import DataConfig, load_data
-    from dftlite.demo import wilson_interval
+    from dftlite.data import DataConfig, encode_prompt, load_data, render_prompt
     from dftlite.engine_vllm import VLLMEngine, base_metadata
-    from dftlite.evaluate import _numeric, extract_answer
-    from dftlite.data import encode_prompt, render_prompt
+    from dftlite.evaluate import _numeric, accuracy
     from dftlite.models import ModelConfig
 
     model_config = ModelConfig(precision=args.precision, lora_r=16, lora_alpha=32)
     examples = load_data(DataConfig(data_path=str(run_dir / "data" / "dev.jsonl"), max_length=args.max_length))
     path, tokenizer, _, eos_ids = base_metadata(model_config)
-    scored = _numeric(examples)
-    prompt_ids = [encode_prompt(tokenizer, render_prompt(tokenizer, e.prompt, "chat"), "chat") for e, _ in scored]
+    prompt_ids = [encode_prompt(tokenizer, render_prompt(tokenizer, e.prompt, "chat"), "chat") for e, _ in _numeric(examples)]
     todo = [n for n in names if (run_dir / n / "result.json").exists()
             and "accuracy" not in json.loads((run_dir / n / "result.json").read_text())]
     if not todo:
@@ -94,18 +90,10 @@ def add_vllm_accuracy(args, run_dir: Path, names: list[str]):
             tick = time.time()
             tokens = engine.greedy(prompt_ids, max_new_tokens=args.max_new_tokens, eos_ids=eos_ids,
                                    lora_path=None if name == "base" else result["adapter_path"])
-            outputs = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
-            correct = sum(extract_answer(o) == gold for o, (_, gold) in zip(outputs, scored))
-            result["accuracy"] = {
-                "accuracy": correct / len(scored), "correct": correct, "total": len(scored),
-                "interval_95": list(wilson_interval(correct, len(scored))),
-                "format_share": sum("####" in o for o in outputs) / len(outputs),
-                "mean_answer_tokens": sum(len(t) for t in tokens) / len(tokens),
-                "max_new_tokens": args.max_new_tokens, "engine": "vllm", "commit": commit(),
-                "seconds": time.time() - tick,
-            }
+            measured = accuracy(None, tokenizer, examples, outputs=[tokenizer.decode(t, skip_special_tokens=True) for t in tokens])
+            result["accuracy"] = accuracy_record(measured, [len(t) for t in tokens], args.max_new_tokens, tick, engine="vllm")
             write_result(run_dir / name, result)
-            print(f"{name}: {correct}/{len(scored)} correct", flush=True)
+            print(f"{name}: {measured['correct']}/{measured['total']} correct", flush=True)
     finally:
         engine.close()
 

@@ -225,7 +225,6 @@ def train_one(args, inputs: Inputs, name: str, overrides: dict):
 def add_accuracy(args, inputs: Inputs, name: str):
     """Greedy accuracy, the share of answers with a `####` line and their mean length (in tokens)."""
     from dftlite.data import load_data
-    from dftlite.demo import wilson_interval
     from dftlite.evaluate import accuracy
     from dftlite.models import load_model, sampler_view
 
@@ -242,15 +241,24 @@ def add_accuracy(args, inputs: Inputs, name: str):
         view = contextlib.nullcontext()
     with view:
         measured = accuracy(model, tokenizer, load_data(inputs.dev_data), inputs.dev_data.template, args.max_new_tokens, 32)
+    answer_tokens = [len(tokenizer(p["output"])["input_ids"]) for p in measured["predictions"]]
+    result["accuracy"] = accuracy_record(measured, answer_tokens, args.max_new_tokens, tick)
+    write_result(inputs.run_dir / name, result)
+
+
+def accuracy_record(measured: dict, answer_tokens: list[int], max_new_tokens: int, tick: float, **extra) -> dict:
+    """The "accuracy" entry of a run's result.json: `evaluate.accuracy`'s counts, the Wilson interval, the share of
+    answers with a `####` line and their mean length in tokens (`answer_tokens`, per answer)."""
+    from dftlite.demo import wilson_interval
+
     outputs = [p["output"] for p in measured["predictions"]]
-    result["accuracy"] = {
+    return {
         "accuracy": measured["accuracy"], "correct": measured["correct"], "total": measured["total"],
         "interval_95": list(wilson_interval(measured["correct"], measured["total"])),
         "format_share": sum("####" in o for o in outputs) / len(outputs),
-        "mean_answer_tokens": sum(len(tokenizer(o)["input_ids"]) for o in outputs) / len(outputs),
-        "max_new_tokens": args.max_new_tokens, "commit": commit(), "seconds": time.time() - tick,
+        "mean_answer_tokens": sum(answer_tokens) / len(answer_tokens),
+        "max_new_tokens": max_new_tokens, **extra, "commit": commit(), "seconds": time.time() - tick,
     }
-    write_result(inputs.run_dir / name, result)
 
 
 def write_result(directory: Path, result: dict):
