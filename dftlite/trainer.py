@@ -76,6 +76,8 @@ class DFTTrainer(Trainer):
             # cut by token_budget, their counts depend on each process's sequence lengths and differ
             raise ConfigError("FSDP needs token_budget: 0 (one forward per step on every process); to save memory "
                               "lower per_device_train_batch_size and raise gradient_accumulation_steps instead")
+        if self.is_fsdp_enabled and args.method == "dpo":  # its reference pass calls the model's trunk, not the FSDP root
+            raise ConfigError("method: dpo does not run under FSDP (its reference pass bypasses FSDP's all-gathers); use DDP")
         # DeepSpeed would divide by the accumulation steps a second time; transformers' own step passes the same
         self._backward_kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}
         self.log_u = LogUTable(len(train_split), init=args.u_init)

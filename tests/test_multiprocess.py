@@ -50,6 +50,8 @@ ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
 # launch -> (accelerate config, the base's precision in both runs, the 2-process runs' token_budget)
 # FSDP: token_budget 0, one forward per step (trainer.py refuses others: each forward is a collective)
 LAUNCHES = {"ddp": ("ddp.yaml", "fp32", 1), "fsdp_qlora": ("fsdp_qlora.yaml", "4bit", 0)}
+# benchmarks/gpu_check.py's fsdp_qlora_2gpu stage sets this to run the launches on 2 GPUs (NCCL), without the CPU shim
+ON_CUDA = os.environ.get("DFTLITE_MULTIPROCESS_ON_CUDA") == "1"
 LAUNCH_TIMEOUT_S = 300  # a hang shows up as a failure, not a stuck test run
 
 
@@ -62,7 +64,7 @@ def train_argv(workdir: Path, output_dir: Path, **overrides) -> list[str]:
     settings = dict(
         model_name_or_path=workdir / "model", precision="fp32", lora_r=8, lora_dropout=0.0,
         data_path=workdir / "train.jsonl", pool_dir=workdir / "pool", eval_data_path=workdir / "eval.jsonl",
-        eval_pool_dir=workdir / "eval_pool", per_device_eval_batch_size=2, output_dir=output_dir, use_cpu=True,
+        eval_pool_dir=workdir / "eval_pool", per_device_eval_batch_size=2, output_dir=output_dir, use_cpu=not ON_CUDA,
         learning_rate=1e-2, seed=0, u_init="first_batch", max_steps=4, save_strategy="steps", save_steps=3,
         disable_tqdm=True, report_to="none", ddp_timeout=120,
         # One warmup step (lr 0), as these runs had before short runs lost their warmup: Adam's first real update
@@ -184,7 +186,7 @@ def drive(workdir: Path, launch: str):
 
 
 if __name__ == "__main__":
-    if sys.argv[2].startswith("fsdp"):
+    if sys.argv[2].startswith("fsdp") and not ON_CUDA:
         _fsdp_on_cpu()
     drive(Path(sys.argv[1]), sys.argv[2])
     sys.exit(0)
@@ -304,7 +306,8 @@ def test_fsdp_shards_the_4bit_base_and_resumes_on_two_processes(runs):
         # every linear layer's packed 4-bit weight (7 per layer × 2 layers), half of it on each process,
         # stored as float32 elements (the compute dtype on CPU), which FSDP shards; uint8 it would not
         assert sharding["base_weights"] == sharding["sharded_base_weights"] == 14
-        assert sharding["storage_dtype"] == "torch.float32"
+        # compute dtype "auto": float32 on CPU, bfloat16 on GPUs of compute capability >= 8
+        assert sharding["storage_dtype"] == ("torch.bfloat16" if ON_CUDA else "torch.float32")
     assert sorted(_steps(workdir / "resumed_on_two")) == [1, 2, 3, 4]
     _assert_same_run(workdir / "resumed_on_two", workdir / "one", range(1, 5), "fsdp_qlora")
 
