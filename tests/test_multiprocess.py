@@ -13,7 +13,8 @@ with gloo.) In the DDP launch each process runs, in turn: (a) `dftlite train`, 4
 per process, micro-batches of one prompt, a checkpoint at step 3 and an evaluation on 3 held-out prompts
 (so accelerate pads the last evaluation batch); (b) a NaN that only process 1 sees; (c) a Ctrl-C that
 only process 1 gets; (d) data that does not fill whole global batches. The FSDP launch (fsdp_qlora.yaml,
-4-bit base) runs (a) and (e): resume (a)'s step-3 checkpoint on the same 2 processes. The tests compare
+4-bit base) runs (a), (e): resume (a)'s step-3 checkpoint on the same 2 processes, and (f): one step, then
+score under `sampler_view`, which must give the 4-bit base's scores. The tests compare
 (a) with one process of S = 4, resume (a)'s step-3 checkpoint on one process, and check that (b)-(d) stop
 both processes alike instead of hanging. The last test loads every shipped accelerate config.
 
@@ -47,6 +48,9 @@ STEP_KEYS = ("loss", "grad_norm", "learning_rate", "log_u_mean", "log_g_hat_mean
              "neg_logp_per_token", "weight_mean", "weight_entropy")  # not weight_max: a max per micro-batch
 EVAL_KEYS = ("eval_loss", "eval_pos_logp_per_token", "eval_neg_logp_per_token", "eval_sft_part", "eval_neg_part")
 ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
+# input_ids, attention_mask, completion_mask (2, 6): two sequences whose last 3 tokens are scored
+PROBE = (torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]]), torch.ones(2, 6, dtype=torch.long),
+         torch.tensor([[0, 0, 0, 1, 1, 1]] * 2))
 # launch -> (accelerate config, the base's precision in both runs, the 2-process runs' token_budget)
 # FSDP: token_budget 0, one forward per step (trainer.py refuses others: each forward is a collective)
 LAUNCHES = {"ddp": ("ddp.yaml", "fp32", 1), "fsdp_qlora": ("fsdp_qlora.yaml", "4bit", 0)}
@@ -115,7 +119,7 @@ def _sharding(model) -> dict:
 
 
 def drive(workdir: Path, launch: str):
-    """(a)-(e) of the module docstring; writes what each process saw to WORKDIR/rank{N}.json."""
+    """(a)-(f) of the module docstring; writes what each process saw to WORKDIR/rank{N}.json."""
     from transformers import TrainerCallback
 
     from dftlite.cli import main
@@ -160,8 +164,18 @@ def drive(workdir: Path, launch: str):
         seen["resume_exit"] = main(["train", *train_argv(workdir, resumed, precision=precision, per_device_train_batch_size=2,
                                                          token_budget=0, resume_from_checkpoint=resumed / "checkpoint-3")])
         # what each process holds while training: one step, nothing saved
-        trainer_for("sharding", [Sharding()], per_device_train_batch_size=2, token_budget=0, max_steps=1, save_strategy="no",
-                    eval_data_path="").train()
+        trainer = trainer_for("sharding", [Sharding()], per_device_train_batch_size=2, token_budget=0, max_steps=1,
+                              warmup_steps=0, save_strategy="no", eval_data_path="")  # lr 1e-2 at once: LoRA moves
+        trainer.train()
+        # the sampler view of the sharded, trained model: adapters off, it scores as the 4-bit base
+        from dftlite.logprobs import scoring_as_forward
+        from dftlite.models import sampler_view
+
+        model, unwrapped = trainer.model_wrapped, trainer.accelerator.unwrap_model(trainer.model_wrapped)
+        with torch.no_grad(), scoring_as_forward(unwrapped):
+            with sampler_view(unwrapped):
+                seen["sampler_logps"] = model(*PROBE)[0].tolist()
+            seen["trained_logps"] = model(*PROBE)[0].tolist()
         (workdir / f"rank{rank}.json").write_text(json.dumps(seen))
         torch.distributed.destroy_process_group()
         return
@@ -310,6 +324,22 @@ def test_fsdp_shards_the_4bit_base_and_resumes_on_two_processes(runs):
         assert sharding["storage_dtype"] == ("torch.bfloat16" if ON_CUDA else "torch.float32")
     assert sorted(_steps(workdir / "resumed_on_two")) == [1, 2, 3, 4]
     _assert_same_run(workdir / "resumed_on_two", workdir / "one", range(1, 5), "fsdp_qlora")
+
+
+def test_fsdp_sampler_view_is_the_4bit_base(runs):
+    """Adapters off, the sharded model after a training step scores as the 4-bit base loaded in one process."""
+    _skip_unless(runs, "fsdp_qlora")
+    from dftlite.logprobs import sequence_logprobs
+    from dftlite.models import ModelConfig, load_model
+
+    workdir, _ = runs
+    base, _ = load_model(ModelConfig(model_name_or_path=str(workdir / "model"), precision="4bit", lora_r=0))
+    with torch.no_grad():
+        want = sequence_logprobs(base.eval(), *PROBE)[0]
+    for rank in (0, 1):
+        seen = json.loads((workdir / f"rank{rank}.json").read_text())
+        assert torch.allclose(torch.tensor(seen["sampler_logps"]), want, rtol=1e-5, atol=1e-5), (seen, want)
+        assert not torch.allclose(torch.tensor(seen["trained_logps"]), want, rtol=1e-5, atol=1e-5)  # LoRA moved it
 
 
 def test_a_nan_or_ctrl_c_on_one_process_stops_both(runs):
