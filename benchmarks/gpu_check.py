@@ -29,6 +29,8 @@ the script goes on with the next), and each writes what it has measured so far a
    with the process capped at 15 GiB by torch.cuda.set_per_process_memory_fraction: peak memory,
    tokens/s and MFU. One untimed warm-up step (AdamW's state, kernel choice), then T4_TIMED_STEPS
    timed steps, of which the median is reported.
+6. fsdp_qlora_2gpu: tests/test_multiprocess.py's FSDP launch on 2 GPUs (NCCL, bf16 compute): 2 processes
+   of a 4-bit tiny Llama train, checkpoint and resume like 1. Skipped with fewer than 2 GPUs.
 
 Models are random-initialised at the real shapes (`common.SHAPES`) with a synthetic tokenizer of the
 right vocabulary size (`common.synthetic_tokenizer`): speed and memory do not depend on the weights,
@@ -64,6 +66,7 @@ import torch  # noqa: E402
 # (name, what it measures, time cap in seconds on a GPU machine); the caps add up to 500 s (the first H200 run,
 # under caps of 20/50/60/100/50/170 s, took 18, 44, >60, 69, >50 and 55 s), which leaves 40 s of the command's
 # 540 s limit (docs/benchmarks.md, "The command") for installing the wheels and starting the interpreter.
+# fsdp_qlora_2gpu skips at once with fewer than 2 GPUs, so its 150 s count only on a 2-GPU machine.
 # vllm_sampling needs vLLM on the machine (no wheel of it fits the 64 MiB that travels); without it, it is skipped.
 STAGES = (
     ("environment", "Environment", 20),
@@ -73,6 +76,7 @@ STAGES = (
     ("sampling", "Sampling throughput: sample_pool vs a generate loop", 70),
     ("vllm_sampling", "Sampling engines: HF generate vs vLLM, one pool", 80),
     ("t4_goal_llama_8b", "T4 goal: DFT2 QLoRA step of a Llama-3-8B shape in 15 GiB", 100),
+    ("fsdp_qlora_2gpu", "FSDP-QLoRA on 2 GPUs: 2 processes train, checkpoint and resume like 1", 150),
 )
 T4_MEMORY_BYTES = 15 * 2**30  # a T4 shows 15360 MiB to PyTorch
 T4_TIMED_STEPS = 5  # after one warm-up step; about 0.8 s each on an H200, so a real median costs seconds
@@ -305,9 +309,25 @@ def stage_t4_goal(args, progress: Progress):
                     mfu=flops / timed / peak_flops if peak_flops else None, peak_flops_assumed=peak_flops)
 
 
+def stage_fsdp_qlora_2gpu(args, progress: Progress):
+    """tests/test_multiprocess.py's FSDP launch (configs/accelerate/fsdp_qlora.yaml, 4-bit tiny Llama) on 2 GPUs."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count < 2:
+        raise Skip(f"needs 2 GPUs, found {count}")
+    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_multiprocess.py",
+               "-k", "fsdp_qlora and not yaml"]
+    done = subprocess.run(command, cwd=common.REPO, capture_output=True, text=True,
+                          env={**os.environ, "DFTLITE_MULTIPROCESS_ON_CUDA": "1"})
+    print(done.stdout[-6000:], done.stderr[-3000:], sep="\n")
+    progress.update(gpus=count, exit_status=done.returncode, summary=(done.stdout.strip().splitlines() or [""])[-1])
+    if done.returncode != 0:
+        raise RuntimeError(f"pytest exit {done.returncode}: {progress.result['summary']}")
+
+
 RUNNERS = {"environment": stage_environment, "gpu_tests": stage_gpu_tests,
            "step_cost_smollm2_135m": step_cost_stage("smollm2-135m"), "step_cost_llama_1b": step_cost_stage("llama-3.2-1b"),
-           "sampling": stage_sampling, "vllm_sampling": stage_vllm_sampling, "t4_goal_llama_8b": stage_t4_goal}
+           "sampling": stage_sampling, "vllm_sampling": stage_vllm_sampling, "t4_goal_llama_8b": stage_t4_goal,
+           "fsdp_qlora_2gpu": stage_fsdp_qlora_2gpu}
 
 
 # ---- running stages --------------------------------------------------------------------------

@@ -192,8 +192,9 @@ def sequence_logprobs(model, input_ids, attention_mask, completion_mask, chunk_t
 def scoring_as_forward(module):
     """Make `module(...)` compute `sequence_logprobs(module, ...)`.
 
-    DDP syncs gradients only for forwards through its own __call__, so a wrapped model is called
-    with scoring as its forward instead of being bypassed (single process: not used)."""
+    DDP syncs gradients only for forwards through its own __call__, and FSDP2 all-gathers the root's
+    weights (embeddings, lm_head) only in hooks around the root's __call__, so a distributed model is
+    called with scoring as its forward instead of being bypassed (single process: not used)."""
     saved = module.__dict__.get("forward")  # accelerate may have set an instance-level forward
     module.forward = functools.partial(sequence_logprobs, module)
     try:

@@ -231,6 +231,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def fsdp_launch() -> bool:
+    """Whether this process was started by `accelerate launch` with an FSDP config (configs/accelerate/fsdp_qlora.yaml)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def load_base_model(config: ModelConfig):
     """Load the (possibly quantized) base model and its tokenizer, without LoRA."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -245,6 +250,9 @@ def load_base_model(config: ModelConfig):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
+            # FSDP shards floating-point tensors only: the packed 4-bit bytes are stored as compute-dtype
+            # elements (same bytes, another dtype) so that FSDP2 shards them instead of replicating them
+            bnb_4bit_quant_storage=compute_dtype if fsdp_launch() else torch.uint8,
         )
         kwargs["dtype"] = compute_dtype
     elif config.precision == "8bit":

@@ -71,6 +71,13 @@ class DFTTrainer(Trainer):
             # accelerate's DeepSpeed backward steps the optimizer at every backward of a synced step
             raise ConfigError("DeepSpeed needs token_budget: 0 (one backward per step); to save memory lower "
                               "per_device_train_batch_size and raise gradient_accumulation_steps instead")
+        if self.is_fsdp_enabled and args.token_budget:
+            # every FSDP forward is a collective (all-gathers), so all processes must run as many micro-batches;
+            # cut by token_budget, their counts depend on each process's sequence lengths and differ
+            raise ConfigError("FSDP needs token_budget: 0 (one forward per step on every process); to save memory "
+                              "lower per_device_train_batch_size and raise gradient_accumulation_steps instead")
+        if self.is_fsdp_enabled and args.method == "dpo":  # its reference pass calls the model's trunk, not the FSDP root
+            raise ConfigError("method: dpo does not run under FSDP (its reference pass bypasses FSDP's all-gathers); use DDP")
         # DeepSpeed would divide by the accumulation steps a second time; transformers' own step passes the same
         self._backward_kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}
         self.log_u = LogUTable(len(train_split), init=args.u_init)
@@ -213,7 +220,7 @@ class DFTTrainer(Trainer):
         """(N,) summed completion log-probs and (N,) lengths, with grad; chunked, no full-vocab log_softmax."""
         unwrapped = self.accelerator.unwrap_model(model)
         with self.accelerator.autocast():
-            if model is unwrapped:
+            if self.accelerator.num_processes == 1:
                 return sequence_logprobs(model, input_ids, attention_mask, completion_mask)
             with scoring_as_forward(unwrapped):
                 return model(input_ids, attention_mask, completion_mask)
@@ -346,8 +353,32 @@ class DFTTrainer(Trainer):
         incomplete = incomplete_checkpoint_message(resume_from_checkpoint)
         if incomplete:
             raise ConfigError(incomplete)
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        model = model or self.model
+        fsdp_written = os.path.isfile(os.path.join(resume_from_checkpoint, "pytorch_model_fsdp.bin"))
+        if fsdp_written and not self.is_fsdp_enabled and hasattr(model, "load_adapter"):
+            # an FSDP checkpoint resumed without FSDP: the Trainer refuses it for its pytorch_model_fsdp.bin, but
+            # it holds the whole adapter as adapter_model.safetensors too (FULL_STATE_DICT), as any checkpoint
+            model.load_adapter(resume_from_checkpoint, model.active_adapter, is_trainable=True)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.load_dft_state(resume_from_checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None):
+        """The Trainer's, and an FSDP checkpoint resumed without FSDP (one process, or DDP).
+
+        Under FSDP the Trainer writes the whole optimizer state keyed by parameter name (optimizer.bin); without
+        FSDP it reads optimizer.pt, keyed by position, and would stop at the missing file. torch's
+        `set_optimizer_state_dict` maps the names onto this optimizer's parameters."""
+        if (checkpoint is None or self.is_fsdp_enabled or os.path.isfile(os.path.join(checkpoint, "optimizer.pt"))
+                or not os.path.isfile(os.path.join(checkpoint, "optimizer.bin"))):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        state = torch.load(os.path.join(checkpoint, "optimizer.bin"), map_location="cpu", weights_only=True)
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper -> torch's optimizer
+        set_optimizer_state_dict(self.accelerator.unwrap_model(self.model_wrapped), optimizer, state,
+                                 options=StateDictOptions(full_state_dict=True))
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
 
     def _state_meta(self) -> dict:
         return dft_state_meta(self.args.method, self.train_split.ids, self.args.seed, self.draws.per_draw)

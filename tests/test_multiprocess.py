@@ -1,20 +1,29 @@
-"""Two processes under `accelerate launch` (DDP on CPU, gloo) train exactly like one process with the same global batch.
+"""Two processes under `accelerate launch` train exactly like one process with the same global batch: DDP and FSDP.
 
-    python -m pytest tests/test_multiprocess.py        # about a minute on 2 CPU cores
+    python -m pytest tests/test_multiprocess.py        # a few minutes on 2 CPU cores
 
-The fixture launches this file as a script, once, in 2 processes, with the shipped DDP config:
+The fixture launches this file as a script in 2 processes, once per shipped multi-process config (`LAUNCHES`):
 
     accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 --mixed_precision no \
-        tests/test_multiprocess.py WORKDIR
+        tests/test_multiprocess.py WORKDIR ddp
 
 (`--cpu --num_processes 2` would start a single process: accelerate runs several CPU processes only
-through mpirun. The DDP config runs torchrun, and `use_cpu: true` makes each process train on the CPU
-with gloo.) In that launch each process runs, in turn: (a) `dftlite train`, 4 steps of S = 2 prompts
+through mpirun. The configs run torchrun, and `use_cpu: true` makes each process train on the CPU
+with gloo.) In the DDP launch each process runs, in turn: (a) `dftlite train`, 4 steps of S = 2 prompts
 per process, micro-batches of one prompt, a checkpoint at step 3 and an evaluation on 3 held-out prompts
 (so accelerate pads the last evaluation batch); (b) a NaN that only process 1 sees; (c) a Ctrl-C that
-only process 1 gets; (d) data that does not fill whole global batches. The tests compare (a) with one
-process of S = 4, resume (a)'s step-3 checkpoint on one process, and check that (b)-(d) stop both
-processes alike instead of hanging. The last test loads every shipped accelerate config.
+only process 1 gets; (d) data that does not fill whole global batches. The FSDP launch (fsdp_qlora.yaml,
+4-bit base) runs (a), (e): resume (a)'s step-3 checkpoint on the same 2 processes, and (f): one step, then
+score under `sampler_view`, which must give the 4-bit base's scores. The tests compare
+(a) with one process of S = 4, resume (a)'s step-3 checkpoint on one process, and check that (b)-(d) stop
+both processes alike instead of hanging. The last test loads every shipped accelerate config.
+
+FSDP on CPU: accelerate 1.16 turns FSDP off when the processes train on the CPU (with `use_cpu` its state
+is MULTI_CPU, and FSDP is set only for GPU-like device types, `AcceleratorState.__init__`), so the FSDP
+launch would silently run DDP. `_fsdp_on_cpu` below puts FSDP back for the launched test processes only:
+torch's FSDP2 (`fully_shard`) itself runs on CPU with gloo. What it changes is accelerate's bookkeeping
+(distributed type, device `cpu` rather than `cpu:0`), not dftlite or the sharding; each process records
+its wrapper and how many 4-bit weights it holds a shard of, and the test checks them.
 """
 
 from __future__ import annotations
@@ -39,6 +48,14 @@ STEP_KEYS = ("loss", "grad_norm", "learning_rate", "log_u_mean", "log_g_hat_mean
              "neg_logp_per_token", "weight_mean", "weight_entropy")  # not weight_max: a max per micro-batch
 EVAL_KEYS = ("eval_loss", "eval_pos_logp_per_token", "eval_neg_logp_per_token", "eval_sft_part", "eval_neg_part")
 ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
+# input_ids, attention_mask, completion_mask (2, 6): two sequences whose last 3 tokens are scored
+PROBE = (torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]]), torch.ones(2, 6, dtype=torch.long),
+         torch.tensor([[0, 0, 0, 1, 1, 1]] * 2))
+# launch -> (accelerate config, the base's precision in both runs, the 2-process runs' token_budget)
+# FSDP: token_budget 0, one forward per step (trainer.py refuses others: each forward is a collective)
+LAUNCHES = {"ddp": ("ddp.yaml", "fp32", 1), "fsdp_qlora": ("fsdp_qlora.yaml", "4bit", 0)}
+# benchmarks/gpu_check.py's fsdp_qlora_2gpu stage sets this to run the launches on 2 GPUs (NCCL), without the CPU shim
+ON_CUDA = os.environ.get("DFTLITE_MULTIPROCESS_ON_CUDA") == "1"
 LAUNCH_TIMEOUT_S = 300  # a hang shows up as a failure, not a stuck test run
 
 
@@ -51,7 +68,7 @@ def train_argv(workdir: Path, output_dir: Path, **overrides) -> list[str]:
     settings = dict(
         model_name_or_path=workdir / "model", precision="fp32", lora_r=8, lora_dropout=0.0,
         data_path=workdir / "train.jsonl", pool_dir=workdir / "pool", eval_data_path=workdir / "eval.jsonl",
-        eval_pool_dir=workdir / "eval_pool", per_device_eval_batch_size=2, output_dir=output_dir, use_cpu=True,
+        eval_pool_dir=workdir / "eval_pool", per_device_eval_batch_size=2, output_dir=output_dir, use_cpu=not ON_CUDA,
         learning_rate=1e-2, seed=0, u_init="first_batch", max_steps=4, save_strategy="steps", save_steps=3,
         disable_tqdm=True, report_to="none", ddp_timeout=120,
         # One warmup step (lr 0), as these runs had before short runs lost their warmup: Adam's first real update
@@ -69,8 +86,40 @@ def train_argv(workdir: Path, output_dir: Path, **overrides) -> list[str]:
 # ---- the launched side: runs in each process -------------------------------------------------
 
 
-def drive(workdir: Path):
-    """(a)-(d) of the module docstring; writes what each process saw to WORKDIR/rank{N}.json."""
+def _fsdp_on_cpu():
+    """Let accelerate run FSDP in CPU processes (see the module docstring): after its state is set up as
+    MULTI_CPU with an FSDP plugin, make it FSDP, on device `cpu` (FSDP checks that `device_id` equals the
+    compute device, `cpu`; accelerate's MULTI_CPU device is `cpu:0`)."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original_init = AcceleratorState.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        plugin = kwargs.get("fsdp_plugin")
+        if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.fsdp_plugin, self.device = plugin, torch.device("cpu")
+            self.distributed_type = DistributedType.FSDP
+            # AcceleratorState copies PartialState's shared state in at every construction
+            PartialState._shared_state.update(distributed_type=DistributedType.FSDP, device=self.device)
+
+    AcceleratorState.__init__ = init
+
+
+def _sharding(model) -> dict:
+    """What this process holds: the wrapper class, and the 4-bit base weights of which it holds a shard."""
+    from torch.distributed.tensor import DTensor
+
+    packed = [p for name, p in model.named_parameters() if type(p).__name__ == "Params4bit" or (
+        isinstance(p, DTensor) and "base_layer" in name)]
+    sharded = [p for p in packed if isinstance(p, DTensor) and p.to_local().numel() < p.numel()]
+    return {"wrapper": type(model).__name__, "base_weights": len(packed), "sharded_base_weights": len(sharded),
+            "storage_dtype": str(packed[0].dtype) if packed else None}
+
+
+def drive(workdir: Path, launch: str):
+    """(a)-(f) of the module docstring; writes what each process saw to WORKDIR/rank{N}.json."""
     from transformers import TrainerCallback
 
     from dftlite.cli import main
@@ -80,9 +129,10 @@ def drive(workdir: Path):
     from dftlite.trainer import DFTConfig, NonFiniteLossError, build_trainer
 
     rank, seen = int(os.environ["RANK"]), {}
+    _, precision, token_budget = LAUNCHES[launch]
 
     def trainer_for(output_dir, callbacks=(), **overrides):
-        argv = train_argv(workdir, workdir / output_dir, **overrides)
+        argv = train_argv(workdir, workdir / output_dir, precision=precision, **overrides)
         model_config, data_config, dft_config = parse_args([ModelConfig, DataConfig, DFTConfig], argv)
         return build_trainer(model_config, data_config, dft_config, callbacks=list(callbacks))
 
@@ -98,9 +148,37 @@ def drive(workdir: Path):
         with torch.no_grad():
             next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
 
-    # (a) the CLI, S = 2 per process, one prompt per micro-batch (so DDP's no_sync path runs)
-    seen["train_exit"] = main(["train", *train_argv(workdir, workdir / "two", per_device_train_batch_size=2,
-                                                    token_budget=1)])
+    class Sharding(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen.setdefault("sharding", _sharding(model))
+
+    # (a) the CLI, S = 2 per process; DDP: one prompt per micro-batch (so DDP's no_sync path runs)
+    seen["train_exit"] = main(["train", *train_argv(workdir, workdir / "two", precision=precision,
+                                                    per_device_train_batch_size=2, token_budget=token_budget)])
+    if launch == "fsdp_qlora":
+        # (e) resume (a)'s step-3 checkpoint on the same 2 processes, in a fresh output_dir
+        resumed = workdir / "resumed_on_two"
+        if rank == 0:
+            shutil.copytree(workdir / "two" / "checkpoint-3", resumed / "checkpoint-3")
+        torch.distributed.barrier()
+        seen["resume_exit"] = main(["train", *train_argv(workdir, resumed, precision=precision, per_device_train_batch_size=2,
+                                                         token_budget=0, resume_from_checkpoint=resumed / "checkpoint-3")])
+        # what each process holds while training: one step, nothing saved
+        trainer = trainer_for("sharding", [Sharding()], per_device_train_batch_size=2, token_budget=0, max_steps=1,
+                              warmup_steps=0, save_strategy="no", eval_data_path="")  # lr 1e-2 at once: LoRA moves
+        trainer.train()
+        # the sampler view of the sharded, trained model: adapters off, it scores as the 4-bit base
+        from dftlite.logprobs import scoring_as_forward
+        from dftlite.models import sampler_view
+
+        model, unwrapped = trainer.model_wrapped, trainer.accelerator.unwrap_model(trainer.model_wrapped)
+        with torch.no_grad(), scoring_as_forward(unwrapped):
+            with sampler_view(unwrapped):
+                seen["sampler_logps"] = model(*PROBE)[0].tolist()
+            seen["trained_logps"] = model(*PROBE)[0].tolist()
+        (workdir / f"rank{rank}.json").write_text(json.dumps(seen))
+        torch.distributed.destroy_process_group()
+        return
     # (b) process 1's adapter turns NaN before step 3: both processes must raise, before saving step 3
     trainer = trainer_for("nan", [OnProcessOne(2, poison)], per_device_train_batch_size=2, save_steps=1)
     try:
@@ -122,22 +200,26 @@ def drive(workdir: Path):
 
 
 if __name__ == "__main__":
-    drive(Path(sys.argv[1]))
+    if sys.argv[2].startswith("fsdp") and not ON_CUDA:
+        _fsdp_on_cpu()
+    drive(Path(sys.argv[1]), sys.argv[2])
     sys.exit(0)
 
 
 # ---- the tests ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_model_dir, tmp_path_factory):
-    """Pools, the 2-process launch, and the 1-process run of the same global batch (S = 4)."""
+@pytest.fixture(scope="module", params=list(LAUNCHES))
+def runs(request, tiny_model_dir, tmp_path_factory):
+    """Pools, the 2-process launch, and the 1-process run of the same global batch (S = 4); (workdir, launch)."""
     from dftlite.cli import main
     from dftlite.data import DataConfig
     from dftlite.models import ModelConfig, load_model
     from dftlite.sampling import SampleConfig, sample_pool
 
-    workdir = tmp_path_factory.mktemp("multiprocess")
+    launch = request.param
+    config_name, precision, _ = LAUNCHES[launch]
+    workdir = tmp_path_factory.mktemp(launch)
     shutil.copytree(tiny_model_dir, workdir / "model")
     write_jsonl(workdir / "train.jsonl", _rows(TRAIN_PAIRS))
     write_jsonl(workdir / "eval.jsonl", _rows(EVAL_PAIRS))
@@ -148,10 +230,10 @@ def runs(tiny_model_dir, tmp_path_factory):
         sample_pool(model_config, DataConfig(data_path=str(workdir / f"{data}.jsonl")), sample, model, tokenizer)
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / "ddp.yaml"),
-              "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-              __file__, str(workdir)]
-    launcher = subprocess.Popen(launch, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / config_name),
+               "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+               __file__, str(workdir), launch]
+    launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         output, _ = launcher.communicate(timeout=LAUNCH_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -160,8 +242,8 @@ def runs(tiny_model_dir, tmp_path_factory):
         pytest.fail(f"accelerate launch still running after {LAUNCH_TIMEOUT_S} s (a hang?):\n{output[-8000:]}")
     assert launcher.returncode == 0, f"accelerate launch failed ({launcher.returncode}):\n{output[-8000:]}"
 
-    assert main(["train", *train_argv(workdir, workdir / "one", per_device_train_batch_size=4)]) == 0
-    return workdir
+    assert main(["train", *train_argv(workdir, workdir / "one", precision=precision, per_device_train_batch_size=4)]) == 0
+    return workdir, launch
 
 
 def _history(output_dir: Path) -> list[dict]:
@@ -176,7 +258,7 @@ def _final_eval(output_dir: Path) -> dict:
     return [entry for entry in _history(output_dir) if "eval_loss" in entry][-1]
 
 
-def _assert_same_run(run: Path, reference: Path, steps):
+def _assert_same_run(run: Path, reference: Path, steps, launch: str):
     """Per-step metrics, the final evaluation, the u table and draw state, and the adapter agree."""
     got, want = _steps(run), _steps(reference)
     for step in steps:
@@ -193,12 +275,17 @@ def _assert_same_run(run: Path, reference: Path, steps):
     adapter = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     reference_adapter = load_file(str(reference / "adapter" / "adapter_model.safetensors"))
     assert adapter.keys() == reference_adapter.keys()
-    assert all(torch.allclose(adapter[k], reference_adapter[k], rtol=1e-4, atol=1e-6) for k in adapter)
+    # FSDP reduce-scatters the gradients in another order than DDP's all-reduce; Adam turns the rounding of
+    # near-zero gradient entries into steps of up to lr (1e-2) × rounding: measured 6e-6 in the adapter
+    atol = 1e-5 if launch == "fsdp_qlora" else 1e-6
+    worst = max((adapter[k] - reference_adapter[k]).abs().max().item() for k in adapter)
+    assert all(torch.allclose(adapter[k], reference_adapter[k], rtol=1e-4, atol=atol) for k in adapter), worst
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(runs):
-    _assert_same_run(runs / "two", runs / "one", steps=range(1, 5))
-    checkpoint = runs / "two" / "checkpoint-3"  # written by process 0, holding both processes' u and draws
+    workdir, launch = runs
+    _assert_same_run(workdir / "two", workdir / "one", range(1, 5), launch)
+    checkpoint = workdir / "two" / "checkpoint-3"  # written by process 0, holding both processes' u and draws
     assert sorted(p.name for p in checkpoint.glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
     state = load_file(str(checkpoint / "dft_state.safetensors"))
     assert state["visits"].sum() == 12 and state["draws_taken"].sum() == 12  # 3 steps × 4 prompts
@@ -208,31 +295,74 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runs):
 def test_two_process_checkpoint_resumes_on_one_process(runs):
     from dftlite.cli import main
 
-    resumed = runs / "resumed"
-    shutil.copytree(runs / "two" / "checkpoint-3", resumed / "checkpoint-3")
-    argv = train_argv(runs, resumed, per_device_train_batch_size=4, resume_from_checkpoint=resumed / "checkpoint-3")
+    workdir, launch = runs
+    resumed = workdir / "resumed"
+    shutil.copytree(workdir / "two" / "checkpoint-3", resumed / "checkpoint-3")
+    argv = train_argv(workdir, resumed, precision=LAUNCHES[launch][1], per_device_train_batch_size=4,
+                      resume_from_checkpoint=resumed / "checkpoint-3")
     assert main(["train", *argv]) == 0
     assert sorted(_steps(resumed)) == [1, 2, 3, 4]  # 1-3 from the 2-process run's trainer_state.json
-    _assert_same_run(resumed, runs / "one", steps=range(1, 5))
+    _assert_same_run(resumed, workdir / "one", range(1, 5), launch)
+
+
+def _skip_unless(runs, launch: str):
+    if runs[1] != launch:
+        pytest.skip(f"run in the {launch} launch only")
+
+
+def test_fsdp_shards_the_4bit_base_and_resumes_on_two_processes(runs):
+    _skip_unless(runs, "fsdp_qlora")
+    workdir, _ = runs
+    seen = [json.loads((workdir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [s["train_exit"] for s in seen] == [0, 0] and [s["resume_exit"] for s in seen] == [0, 0]
+    for sharding in (s["sharding"] for s in seen):
+        assert sharding["wrapper"] == "FSDPPeftModelForCausalLM"  # FSDP2's fully_shard, not DDP
+        # every linear layer's packed 4-bit weight (7 per layer × 2 layers), half of it on each process,
+        # stored as float32 elements (the compute dtype on CPU), which FSDP shards; uint8 it would not
+        assert sharding["base_weights"] == sharding["sharded_base_weights"] == 14
+        # compute dtype "auto": float32 on CPU, bfloat16 on GPUs of compute capability >= 8
+        assert sharding["storage_dtype"] == ("torch.bfloat16" if ON_CUDA else "torch.float32")
+    assert sorted(_steps(workdir / "resumed_on_two")) == [1, 2, 3, 4]
+    _assert_same_run(workdir / "resumed_on_two", workdir / "one", range(1, 5), "fsdp_qlora")
+
+
+def test_fsdp_sampler_view_is_the_4bit_base(runs):
+    """Adapters off, the sharded model after a training step scores as the 4-bit base loaded in one process."""
+    _skip_unless(runs, "fsdp_qlora")
+    from dftlite.logprobs import sequence_logprobs
+    from dftlite.models import ModelConfig, load_model
+
+    workdir, _ = runs
+    base, _ = load_model(ModelConfig(model_name_or_path=str(workdir / "model"), precision="4bit", lora_r=0))
+    with torch.no_grad():
+        want = sequence_logprobs(base.eval(), *PROBE)[0]
+    for rank in (0, 1):
+        seen = json.loads((workdir / f"rank{rank}.json").read_text())
+        assert torch.allclose(torch.tensor(seen["sampler_logps"]), want, rtol=1e-5, atol=1e-5), (seen, want)
+        assert not torch.allclose(torch.tensor(seen["trained_logps"]), want, rtol=1e-5, atol=1e-5)  # LoRA moved it
 
 
 def test_a_nan_or_ctrl_c_on_one_process_stops_both(runs):
-    seen = [json.loads((runs / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    _skip_unless(runs, "ddp")
+    workdir, _ = runs
+    seen = [json.loads((workdir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [s["train_exit"] for s in seen] == [0, 0]
     # NaN on process 1 in step 3: process 1 names it, process 0 sees the NaN gradients it received
     assert seen[1]["nan"].startswith("step 3: non-finite positive log-probs")
     assert seen[0]["nan"].startswith("step 3: non-finite gradients")
-    assert sorted(p.name for p in (runs / "nan").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert sorted(p.name for p in (workdir / "nan").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     # Ctrl-C on process 1 only: both stop after the same step, and its checkpoint is complete
     assert [s["interrupted_at"] for s in seen] == [2, 2]
-    checkpoint = runs / "interrupted" / "checkpoint-2"
+    checkpoint = workdir / "interrupted" / "checkpoint-2"
     assert (checkpoint / "trainer_state.json").is_file()
     assert load_file(str(checkpoint / "dft_state.safetensors"))["visits"].sum() == 8  # 2 steps × 4 prompts
 
 
 def test_data_that_does_not_fill_global_batches_is_refused(runs):
+    _skip_unless(runs, "ddp")
+    workdir, _ = runs
     for rank in (0, 1):
-        message = json.loads((runs / f"rank{rank}.json").read_text())["uneven"]
+        message = json.loads((workdir / f"rank{rank}.json").read_text())["uneven"]
         assert "global batches of 6 prompts" in message and "dataloader_drop_last: true" in message
 
 
