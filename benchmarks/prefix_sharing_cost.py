@@ -3,7 +3,7 @@
 Run from the repo root (2 shared CPU cores, 1 thread: ~10 min with the default 4-layer model):
 
     .venv/bin/python benchmarks/prefix_sharing_cost.py --threads 1
-    .venv/bin/python benchmarks/prefix_sharing_cost.py --layers 0 --rounds 3    # the full 30-layer model
+    .venv/bin/python benchmarks/prefix_sharing_cost.py --threads 1 --layers 0 --shapes gsm8k --rounds 4   # 30 layers
 
 Prints one JSON line: per shape and side the medians of step seconds, peak memory and tokens computed,
 the paired ratios shared / unshared and the goals (GSM8K groups <= 0.80 of the time, peak memory no
@@ -139,6 +139,7 @@ def main():
     parser.add_argument("--shots", type=int, default=4, help="earlier problems in the long prompt")
     parser.add_argument("--token_budget", type=int, default=4096, help="as the CPU recipe")
     parser.add_argument("--max_length", type=int, default=384, help="as the CPU recipe; the long prompt: 4096")
+    parser.add_argument("--shapes", default="gsm8k,long_prompt", help="comma-separated subset of gsm8k,long_prompt")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup_rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
@@ -164,6 +165,7 @@ def run(args) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     shapes = {"gsm8k": build_groups(tokenizer, args.first, args.num_prompts, args.negatives, 0, args.max_length),
               "long_prompt": build_groups(tokenizer, args.first, args.num_prompts, args.negatives, args.shots, 4096)}
+    shapes = {name: groups for name, groups in shapes.items() if name in args.shapes.split(",")}
     runs = [(shape, side) for shape in shapes for side in SIDES]
     values = {shape: {side: [] for side in SIDES} for shape in shapes}
     for number in range(args.warmup_rounds + args.rounds):
