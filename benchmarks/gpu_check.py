@@ -1,4 +1,4 @@
-"""One prepared GPU check: environment, the GPU tests, step cost, sampling throughput and the T4 goal.
+"""One prepared GPU check: environment, the GPU tests, step cost, sampling throughput, the T4 goal, prefix sharing.
 
     python benchmarks/gpu_check.py --out OUT            # on a CUDA machine: all stages, at most 470 s of caps
     python benchmarks/gpu_check.py --tiny --out OUT     # CPU smoke run of every code path (< 1 min; in make test)
@@ -31,6 +31,11 @@ the script goes on with the next), and each writes what it has measured so far a
    timed steps, of which the median is reported.
 6. fsdp_qlora_2gpu: tests/test_multiprocess.py's FSDP launch on 2 GPUs (NCCL, bf16 compute): 2 processes
    of a 4-bit tiny Llama train, checkpoint and resume like 1. Skipped with fewer than 2 GPUs.
+7. prefix_sharing_llama_8b: benchmarks/prefix_sharing_cost.py's step (DFT2, each prompt computed once for its
+   1+B answers against every answer with its own copy) on the Llama-3-8B shape, NF4 with bf16 autocast,
+   gradient checkpointing, random token ids of two shapes: the CPU recipe's GSM8K groups (S 4, B 2, prompt
+   95, gold 130, negatives 119 tokens) and a long prompt (S 2, B 2, prompt 1024, answers 128): step seconds,
+   peak memory and tokens computed per side, one warm-up round and PREFIX_ROUNDS measured, sides alternating.
 
 Models are random-initialised at the real shapes (`common.SHAPES`) with a synthetic tokenizer of the
 right vocabulary size (`common.synthetic_tokenizer`): speed and memory do not depend on the weights,
@@ -77,8 +82,13 @@ STAGES = (
     ("vllm_sampling", "Sampling engines: HF generate vs vLLM, one pool", 80),
     ("t4_goal_llama_8b", "T4 goal: DFT2 QLoRA step of a Llama-3-8B shape in 15 GiB", 100),
     ("fsdp_qlora_2gpu", "FSDP-QLoRA on 2 GPUs: 2 processes train, checkpoint and resume like 1", 150),
+    ("prefix_sharing_llama_8b", "Prefix-shared scoring: a DFT2 QLoRA step of a Llama-3-8B shape, shared vs unshared", 90),
 )
+# fsdp_qlora_2gpu (150 s) and prefix_sharing_llama_8b (90 s) bring the caps to 740 s, over one 540 s command: on a
+# lent machine run them in a command of their own (--stages fsdp_qlora_2gpu,prefix_sharing_llama_8b; the latter
+# reuses t4_goal's 8B model when it is there).
 T4_MEMORY_BYTES = 15 * 2**30  # a T4 shows 15360 MiB to PyTorch
+PREFIX_ROUNDS = 3  # prefix_sharing_llama_8b: measured rounds (one step per shape and side each)
 T4_TIMED_STEPS = 5  # after one warm-up step; about 0.8 s each on an H200, so a real median costs seconds
 RECORD = common.REPO / "docs" / "gpu_check.json"  # the committed copy of a full run's gpu_check.json
 # dense fp16/bf16 tensor-core peak (FLOP/s) for MFU; name fragments as torch.cuda.get_device_name gives them
@@ -324,10 +334,60 @@ def stage_fsdp_qlora_2gpu(args, progress: Progress):
         raise RuntimeError(f"pytest exit {done.returncode}: {progress.result['summary']}")
 
 
+def stage_prefix_sharing(args, progress: Progress):
+    """Shared vs unshared prompt scoring, one DFT2 QLoRA step each, on an 8B Llama (no memory cap).
+    --tiny without CUDA: the tiny shape in fp32 on the CPU, so make test runs this code too."""
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.tiny:
+        raise Skip("no CUDA")
+    import prefix_sharing_cost
+
+    from dftlite.draws import Group
+    from dftlite.models import ModelConfig, load_model
+
+    model_dir = common.shaped_model("llama-3-8b", Path(args.work_dir), tiny=args.tiny)
+    config = ModelConfig(model_name_or_path=model_dir, precision="4bit" if cuda else "fp32", compute_dtype="bf16",
+                         lora_r=16, lora_alpha=32)
+    model, _ = load_model(config, gradient_checkpointing=True)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    vocab, scale = model.get_base_model().config.vocab_size, (8 if args.tiny else 1)
+    generator = torch.Generator().manual_seed(0)
+
+    def ids(length):
+        return torch.randint(3, vocab, (max(1, length // scale),), generator=generator).tolist()
+
+    # (S, prompt, gold, negative lengths, B)
+    shapes = {"gsm8k": (4, 95, 130, 119, 2), "long_prompt": (2, 1024, 128, 128, 2)}
+    groups = {name: [Group(str(i), ids(prompt), [ids(gold)] + [ids(negative) for _ in range(negatives)], [])
+                     for i in range(prompts)] for name, (prompts, prompt, gold, negative, negatives) in shapes.items()}
+    runs = [(name, side) for name in shapes for side in ("shared", "unshared")]
+    figures = {name: {side: [] for side in ("shared", "unshared")} for name in shapes}
+    rounds = 1 if args.tiny else PREFIX_ROUNDS
+    for number in range(1 + rounds):  # round 0: warm-up (AdamW's state, kernel choice)
+        for name, side in runs[number % len(runs):] + runs[:number % len(runs)]:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                step = prefix_sharing_cost.step(model, optimizer, groups[name], side == "shared", 0, 0,
+                                                "cuda" if cuda else "cpu")
+            if number:
+                figures[name][side].append(step)
+        result = {}
+        for name in shapes:
+            sides = figures[name]
+            if not sides["shared"]:
+                continue
+            result[name] = {"shape": dict(zip(("S", "prompt", "gold", "negative", "B"), shapes[name])),
+                            "median": {side: {f: common.median([r[f] for r in sides[side]]) for f in sides[side][0]}
+                                       for side in sides},
+                            "shared_over_unshared_seconds": common.median(
+                                [a["seconds"] / b["seconds"] for a, b in zip(sides["shared"], sides["unshared"])])}
+        progress.update(rounds_done=number, **result)
+
+
 RUNNERS = {"environment": stage_environment, "gpu_tests": stage_gpu_tests,
            "step_cost_smollm2_135m": step_cost_stage("smollm2-135m"), "step_cost_llama_1b": step_cost_stage("llama-3.2-1b"),
            "sampling": stage_sampling, "vllm_sampling": stage_vllm_sampling, "t4_goal_llama_8b": stage_t4_goal,
-           "fsdp_qlora_2gpu": stage_fsdp_qlora_2gpu}
+           "fsdp_qlora_2gpu": stage_fsdp_qlora_2gpu, "prefix_sharing_llama_8b": stage_prefix_sharing}
 
 
 # ---- running stages --------------------------------------------------------------------------

@@ -99,8 +99,16 @@ class DFTConfig(TrainingArguments):
     )
     token_budget: int = field(
         default=0,
-        metadata={"help": "Micro-batch size in padded tokens (rows × longest row), whole prompt groups only; "
+        metadata={"help": "Micro-batch size in padded tokens (rows × longest row; with share_prompt, one row per "
+                  "group: the prompt plus all its answers), whole prompt groups only; "
                   "0 = the whole step in one micro-batch. Lower it when memory runs out (e.g. 8192)."},
+    )
+    share_prompt: bool = field(
+        default=True,
+        metadata={"help": "Score each prompt once for its 1+B answers: one packed row per group under a block "
+                  "attention mask (dftlite/prefix_sharing.py); the same scores and gradients up to rounding, fewer "
+                  "tokens computed. false = every answer carries its own copy of the prompt. Models that take no "
+                  "custom 4D mask (e.g. flash_attention_2) fall back to false, with a line in the log."},
     )
     allow_negative_reuse: bool = field(
         default=False,

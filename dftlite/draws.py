@@ -228,19 +228,26 @@ class Group:
     def longest(self) -> int:
         return len(self.prompt_ids) + max(len(c) for c in self.completions)
 
+    @property
+    def packed_length(self) -> int:
+        """The prompt once and every answer: its row in `prefix_sharing.pack_groups`."""
+        return len(self.prompt_ids) + sum(len(c) for c in self.completions)
 
-def micro_batches(groups: list[Group], token_budget: int) -> list[list[int]]:
+
+def micro_batches(groups: list[Group], token_budget: int, packed: bool = False) -> list[list[int]]:
     """Positions of whole groups per micro-batch, so each group's loss is computed where its scores are.
 
     The padded size (rows × longest row) stays within token_budget; a single group over the
-    budget gets a micro-batch of its own. token_budget = 0: one micro-batch.
+    budget gets a micro-batch of its own. token_budget = 0: one micro-batch. packed: a group is
+    one row, its prompt and all its answers (`prefix_sharing.pack_groups`).
     """
     if token_budget == 0:
         return [list(range(len(groups)))]
-    order = sorted(range(len(groups)), key=lambda g: groups[g].longest)  # similar lengths together: less padding
+    width_of = (lambda g: g.packed_length) if packed else (lambda g: g.longest)
+    order = sorted(range(len(groups)), key=lambda g: width_of(groups[g]))  # similar lengths together: less padding
     batches, current, rows, width = [], [], 0, 0
     for g in order:
-        g_rows, g_width = len(groups[g].completions), groups[g].longest
+        g_rows, g_width = (1 if packed else len(groups[g].completions)), width_of(groups[g])
         if current and (rows + g_rows) * max(width, g_width) > token_budget:
             batches.append(current)
             current, rows, width = [], 0, 0

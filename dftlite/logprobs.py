@@ -162,20 +162,25 @@ def token_logprobs(model, input_ids, attention_mask, completion_mask, chunk_toke
     """
     completion_mask = completion_mask.bool()
     _check_masks(input_ids, attention_mask, completion_mask)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    _check_plain_lm_head(base)
-    trunk = getattr(base, base.base_model_prefix)  # e.g. LlamaForCausalLM.model
+    trunk, lm_head = scoring_parts(model)
     hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (N, T, H)
     # token t is predicted by the hidden state at t-1
     predicts = completion_mask[:, 1:]  # (N, T-1)
     hidden_rows = hidden[:, :-1][predicts]  # (M, H)
     targets = input_ids[:, 1:][predicts]  # (M,)
-    lm_head = base.get_output_embeddings()
     row_logps = chunked_target_logprobs(
         hidden_rows, lm_head.weight, targets, getattr(lm_head, "bias", None), chunk_tokens, chunk_vocab
     )  # (M,)
     shifted = row_logps.new_zeros(predicts.shape).masked_scatter(predicts, row_logps)  # (N, T-1)
     return torch.cat([shifted.new_zeros(shifted.shape[0], 1), shifted], dim=1)
+
+
+def scoring_parts(model):
+    """(decoder trunk, lm_head) of a HF causal LM, possibly in a peft ``PeftModel``; refuses models whose
+    logits are not plain lm_head(h) (see the module docstring)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    _check_plain_lm_head(base)
+    return getattr(base, base.base_model_prefix), base.get_output_embeddings()  # e.g. LlamaForCausalLM.model
 
 
 def sequence_logprobs(model, input_ids, attention_mask, completion_mask, chunk_tokens=1024, chunk_vocab=8192):
@@ -189,14 +194,14 @@ def sequence_logprobs(model, input_ids, attention_mask, completion_mask, chunk_t
 
 
 @contextlib.contextmanager
-def scoring_as_forward(module):
-    """Make `module(...)` compute `sequence_logprobs(module, ...)`.
+def scoring_as_forward(module, scorer=sequence_logprobs):
+    """Make `module(...)` compute `scorer(module, ...)` (`sequence_logprobs`, or a packed scorer).
 
     DDP syncs gradients only for forwards through its own __call__, and FSDP2 all-gathers the root's
     weights (embeddings, lm_head) only in hooks around the root's __call__, so a distributed model is
     called with scoring as its forward instead of being bypassed (single process: not used)."""
     saved = module.__dict__.get("forward")  # accelerate may have set an instance-level forward
-    module.forward = functools.partial(sequence_logprobs, module)
+    module.forward = functools.partial(scorer, module)
     try:
         yield
     finally:

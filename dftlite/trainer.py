@@ -8,7 +8,8 @@ negatives y'_ij from the offline pool of `dftlite sample` (`dftlite.draws` says 
 scored under the training prompt x_i in one forward pass; the loss (`dftlite.losses`) contrasts
 them, and the per-example moving average u_i (`dftlite.estimators.LogUTable`) is updated after
 the step. The (1+B)·S sequences are cut into micro-batches of whole prompt groups under
-`token_budget`, with forward + backward per micro-batch.
+`token_budget`, with forward + backward per micro-batch. A group's prompt is computed once for
+its 1+B answers (`share_prompt`, `dftlite.prefix_sharing`).
 
 `DFTTrainer` is a `transformers.Trainer`; it overrides only what DFT needs: the step
 (`training_step`, `prediction_step`), the u table and draw state in checkpoints
@@ -44,6 +45,7 @@ from dftlite.logprobs import scoring_as_forward, sequence_logprobs
 from dftlite.losses import method_loss
 from dftlite.models import ModelConfig, load_model, sampler_view
 from dftlite.outputs import disk_full_guard, output_lock, staged_directory, write_text_atomic
+from dftlite.prefix_sharing import pack_groups, shared_prompt_logprobs, sharing_problem
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,12 @@ class DFTTrainer(Trainer):
         self._metric_sums = {"train": {}, "eval": {}}  # name -> Σ value × prompts, and "_prompts", "_tokens"
         self._last_log_time = None
         self._failure = None  # several processes: a NonFiniteLossError held until all processes know (see _fail)
+        problem = sharing_problem(model) if args.share_prompt else None
+        self.share_prompt = args.share_prompt and problem is None
+        if args.should_log:
+            logger.info("prompt scoring: %s", "shared, each prompt computed once for its 1+B answers (share_prompt)"
+                        if self.share_prompt else f"unshared, each answer with its own copy of the prompt ({problem})"
+                        if problem else "unshared, each answer with its own copy of the prompt (share_prompt: false)")
 
     def _draws(self, split: Split, per_draw: int) -> NegativeDraws:
         counts = [len(negatives) for negatives in split.negatives]
@@ -114,11 +122,7 @@ class DFTTrainer(Trainer):
     # ---- the step -------------------------------------------------------------------------
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        model.train()
-        if not self.args.scoring_dropout:  # as the official trainer: dropout would add noise to the weights exp(s/τ - log u)
-            for module in model.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.eval()
+        self._train_mode(model)
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         indices = inputs["example_index"].cpu()  # (S,)
@@ -130,6 +134,13 @@ class DFTTrainer(Trainer):
             self._check_gradients(model)
         self._sync_state(indices, new_log_u)
         return loss * scale
+
+    def _train_mode(self, model):
+        model.train()
+        if not self.args.scoring_dropout:  # as the official trainer: dropout would add noise to the weights exp(s/τ - log u)
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.eval()
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation: the same loss and metrics on held-out prompts; never touches the u table or draws.
@@ -181,20 +192,25 @@ class DFTTrainer(Trainer):
         new_log_u = torch.zeros(num_prompts, dtype=torch.float64) if self.uses_u else None
         positive_tokens = sum(len(g.completions[0]) for g in groups)
         step_loss = torch.zeros((), device=device)
-        batches = micro_batches(groups, args.token_budget)
+        rows = len(groups[0].completions)  # 1 + B
+        shared = self.share_prompt and rows > 1  # SFT's groups are one row: nothing to share
+        batches = micro_batches(groups, args.token_budget, packed=shared)
         for number, members in enumerate(batches):
             mb_groups = [groups[g] for g in members]
-            input_ids, attention_mask, completion_mask = pad_groups(mb_groups, self.pad_id, device)
-            rows = len(mb_groups[0].completions)  # 1 + B
+            # shared: (G, T) packed rows and their index tensors; else (N, T) input_ids, attention_mask, completion_mask
+            inputs = pack_groups(mb_groups, self.pad_id, device).tensors() if shared else pad_groups(mb_groups, self.pad_id, device)
+            scorer = shared_prompt_logprobs if shared else sequence_logprobs
             ref_logps = None
             if args.method == "dpo":  # π_ref = the frozen base: adapters off, no grad
                 unwrapped = self.accelerator.unwrap_model(model)
                 with torch.no_grad(), sampler_view(unwrapped):
-                    ref_logps = sequence_logprobs(unwrapped, input_ids, attention_mask, completion_mask)[0].view(-1, rows)
+                    ref_logps = scorer(unwrapped, *inputs)[0].view(-1, rows)
+                if train:  # sampler_view restored train mode on every module, dropout included
+                    self._train_mode(model)
             last = number == len(batches) - 1
             sync = contextlib.nullcontext() if last or not train else self.accelerator.no_sync(model)
             with sync:
-                logps, lengths = self._sequence_logprobs(model, input_ids, attention_mask, completion_mask)
+                logps, lengths = self._sequence_logprobs(model, scorer, inputs)
                 logps, lengths = logps.view(-1, rows), lengths.view(-1, rows).to(logps.dtype)  # (S_mb, 1+B)
                 loss, mb_log_u, metrics = self.micro_batch_loss(
                     logps, lengths, ref_logps=ref_logps, log_u_prev=log_u_prev[members], gamma=gamma[members],
@@ -216,14 +232,15 @@ class DFTTrainer(Trainer):
             self._record("train" if train else "eval", metrics, len(members) if counted else 0, tokens if counted else 0)
         return step_loss, new_log_u
 
-    def _sequence_logprobs(self, model, input_ids, attention_mask, completion_mask):
-        """(N,) summed completion log-probs and (N,) lengths, with grad; chunked, no full-vocab log_softmax."""
+    def _sequence_logprobs(self, model, scorer, inputs):
+        """(N,) summed completion log-probs and (N,) lengths, with grad; chunked, no full-vocab log_softmax.
+        scorer: `sequence_logprobs` or `shared_prompt_logprobs`, inputs: its tensors after the model."""
         unwrapped = self.accelerator.unwrap_model(model)
         with self.accelerator.autocast():
-            if self.accelerator.num_processes == 1:
-                return sequence_logprobs(model, input_ids, attention_mask, completion_mask)
-            with scoring_as_forward(unwrapped):
-                return model(input_ids, attention_mask, completion_mask)
+            if self.accelerator.num_processes == 1:  # under FSDP2 the wrapped model is the unwrapped one
+                return scorer(model, *inputs)
+            with scoring_as_forward(unwrapped, scorer):
+                return model(*inputs)
 
     def micro_batch_loss(self, logps, lengths, *, ref_logps, log_u_prev, gamma, neg_ref_logps, group_share, token_share):
         """One micro-batch's share of the step loss: `losses.method_loss` with this run's settings.

@@ -18,8 +18,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 STAGES = ["environment", "gpu_tests", "step_cost_smollm2_135m", "step_cost_llama_1b", "sampling", "vllm_sampling",
-          "t4_goal_llama_8b"]
-NEEDS_CUDA = {"gpu_tests", "t4_goal_llama_8b"}
+          "t4_goal_llama_8b", "prefix_sharing_llama_8b"]
+NEEDS_CUDA = {"gpu_tests", "t4_goal_llama_8b"}  # prefix_sharing_llama_8b: --tiny runs it on the CPU
 
 
 def run_check(tmp_path, *extra):
@@ -60,6 +60,11 @@ def test_tiny_gpu_check_runs_every_stage(tmp_path):
     # random tiny model: EOS is rare, so both sides produce about prompts x negatives x max_new_tokens tokens
     assert 0 < sampling["batched_tokens"] <= 2 * 2 * 8 and 0 < sampling["unbatched_tokens"] <= 2 * 2 * 8
     assert "## T4 goal" in markdown
+    sharing = stages["prefix_sharing_llama_8b"]["result"]
+    for shape in ("gsm8k", "long_prompt"):  # the packed rows hold fewer tokens than the unshared rows
+        median = sharing[shape]["median"]
+        assert median["shared"]["tokens_real"] < median["unshared"]["tokens_real"]
+        assert sharing[shape]["shared_over_unshared_seconds"] > 0
 
 
 def test_isolated_stage_reports_its_verdict(tmp_path):

@@ -18,6 +18,7 @@ from conftest import REPO, write_jsonl
 from dftlite.config import parse_args
 from dftlite.data import DataConfig
 from dftlite.draws import pad_groups
+from dftlite.logprobs import sequence_logprobs
 from dftlite.models import ModelConfig, load_model
 from dftlite.sampling import SampleConfig, sample_pool
 from dftlite.trainer import DFTConfig, DFTTrainer, NonFiniteLossError, build_trainer, train
@@ -296,7 +297,7 @@ def test_dropout_while_scoring(workspace, tmp_path, monkeypatch, scoring_dropout
     def spy(model, groups, indices, train, scale=1.0, counted=True):
         dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
         batch = pad_groups(groups, trainer.pad_id, trainer.args.device)
-        first, second = (trainer._sequence_logprobs(model, *batch)[0] for _ in range(2))
+        first, second = (trainer._sequence_logprobs(model, sequence_logprobs, batch)[0] for _ in range(2))
         seen.update(dropouts=len(dropouts), active=any(m.training for m in dropouts), same=torch.equal(first, second),
                     model_training=model.training)
         return torch.zeros(()), None
