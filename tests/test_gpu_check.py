@@ -18,7 +18,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 STAGES = ["environment", "gpu_tests", "step_cost_smollm2_135m", "step_cost_llama_1b", "sampling", "vllm_sampling",
-          "t4_goal_llama_8b", "prefix_sharing_llama_8b"]
+          "t4_goal_llama_8b", "fsdp_qlora_2gpu", "prefix_sharing_llama_8b"]
 NEEDS_CUDA = {"gpu_tests", "t4_goal_llama_8b"}  # prefix_sharing_llama_8b: --tiny runs it on the CPU
 
 
@@ -39,6 +39,8 @@ def test_tiny_gpu_check_runs_every_stage(tmp_path):
         expected = "skipped: no CUDA" if name in NEEDS_CUDA and not torch.cuda.is_available() else "ok"
         if name == "vllm_sampling" and importlib.util.find_spec("vllm") is None:  # make test's venv has no vLLM
             expected = "skipped: no vllm"
+        if name == "fsdp_qlora_2gpu" and torch.cuda.device_count() < 2:
+            expected = f"skipped: needs 2 GPUs, found {torch.cuda.device_count()}"
         assert stage["status"] == expected, (name, stage["status"])
         assert f"| {name} | {stage['status']} |" in markdown
 

@@ -276,8 +276,9 @@ def _assert_same_run(run: Path, reference: Path, steps, launch: str):
     reference_adapter = load_file(str(reference / "adapter" / "adapter_model.safetensors"))
     assert adapter.keys() == reference_adapter.keys()
     # FSDP reduce-scatters the gradients in another order than DDP's all-reduce; Adam turns the rounding of
-    # near-zero gradient entries into steps of up to lr (1e-2) × rounding: measured 6e-6 in the adapter
-    atol = 1e-5 if launch == "fsdp_qlora" else 1e-6
+    # near-zero gradient entries into steps of up to lr (1e-2) × rounding: measured 6e-6 in the adapter with
+    # each answer's own prompt copy, 1.8e-5 with the prompt shared (share_prompt, a packed row's other kernels)
+    atol = 5e-5 if launch == "fsdp_qlora" else 1e-6
     worst = max((adapter[k] - reference_adapter[k]).abs().max().item() for k in adapter)
     assert all(torch.allclose(adapter[k], reference_adapter[k], rtol=1e-4, atol=atol) for k in adapter), worst
 
