@@ -213,7 +213,7 @@ def test_one_engine_answers_through_each_of_two_adapters_as_peft_does(hf_model, 
     from dftlite.evaluate import greedy_generate
 
     model, tokenizer = hf_model
-    prompts = [render_prompt(tokenizer, row["question"], "chat") for row in dev_rows(4)]
+    prompts = [render_prompt(tokenizer, [{"role": "user", "content": row["question"]}], "chat") for row in dev_rows(4)]
     answers = {}
     for name, seed in (("a", 1), ("b", 2)):  # large random adapters: their greedy answers differ from each other's
         peft_model = get_peft_model(load_base_model(MODEL)[0], LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
