@@ -10,6 +10,7 @@ plus DFT's own state: dft_state.safetensors (the u table and the draw counts) an
 - `resume_checkpoint`: what `resume_from_checkpoint` names ('last': the newest complete one).
 - `dft_state_meta`, `save_dft_state`, `load_dft_state`: DFT's state, each file whole; loading
   refuses a state made with other settings.
+- `load_sharded_adapter`: a checkpoint's adapter into an FSDP-sharded model (resuming under FSDP).
 - `checkpoint_guard`: a save that fails (a full disk, a second Ctrl-C) leaves no checkpoint that
   looks resumable.
 - `SaveOnInterrupt`: Ctrl-C saves a checkpoint at the end of this step, then stops.
@@ -37,6 +38,7 @@ DFT_STATE, DFT_STATE_META = "dft_state.safetensors", "dft_state.json"  # a check
 TRAINER_STATE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME: written last, marks a checkpoint whole
 CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
 STATE_FORMAT_VERSION = 1  # of dft_state.*
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft.utils.SAFETENSORS_WEIGHTS_NAME, in every checkpoint
 
 
 def is_complete_checkpoint(directory) -> bool:
@@ -111,6 +113,29 @@ def load_dft_state(directory: str | Path, log_u, draws, expected_meta: dict):
     tensors = load_file(str(directory / DFT_STATE))
     log_u.load_state_dict({"log_u": tensors["log_u"], "visits": tensors["visits"]})
     draws.load_state_dict({"draws_taken": tensors["draws_taken"]})
+
+
+def load_sharded_adapter(model, checkpoint: str | Path):
+    """Load `checkpoint`'s adapter_model.safetensors into `model`, a PEFT model sharded by FSDP2, each process
+    its own shards of each tensor (torch's `set_model_state_dict` slices the whole tensors).
+
+    PEFT's file drops the adapter's name from each key (`...q_proj.lora_A.weight`); the model's parameters
+    carry it (`...q_proj.lora_A.default.weight`). Every trainable parameter must be in the file, and nothing else."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    path = Path(checkpoint) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint} has no {ADAPTER_WEIGHTS}: not a `dftlite train` checkpoint")
+    saved = load_file(str(path))
+    tag = f".{model.active_adapter}"
+    names = {name.replace(tag, ""): name for name, param in model.named_parameters() if param.requires_grad}
+    if set(saved) != set(names):
+        missing, unexpected = sorted(set(names) - set(saved)), sorted(set(saved) - set(names))
+        raise ValueError(f"cannot resume from {checkpoint}: its {ADAPTER_WEIGHTS} is not this model's adapter "
+                         f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+    set_model_state_dict(model, {names[key]: tensor for key, tensor in saved.items()},
+                         options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 @contextlib.contextmanager

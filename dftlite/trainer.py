@@ -34,7 +34,8 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from dftlite.checkpoints import (SaveOnInterrupt, checkpoint_guard, dft_state_meta, incomplete_checkpoint_message,
-                                 last_complete_checkpoint, load_dft_state, resume_checkpoint, save_dft_state)
+                                 last_complete_checkpoint, load_dft_state, load_sharded_adapter, resume_checkpoint,
+                                 save_dft_state)
 from dftlite.config import ConfigError
 from dftlite.data import DataConfig, load_data
 from dftlite.dft_config import DFTConfig, schedule_problem
@@ -366,17 +367,27 @@ class DFTTrainer(Trainer):
                 self.save_dft_state(checkpoint)
             super()._save_checkpoint(model, trial)
 
+    def _save_optimizer_and_scheduler(self, output_dir: str):
+        """Under FSDP, the Trainer's save without accelerate's `save_fsdp_model`, which pickles the adapter
+        (pytorch_model_fsdp.bin, torch.save) beside adapter_model.safetensors, which holds the same tensors
+        (FULL_STATE_DICT). Weights are written only as safetensors; `_load_from_checkpoint` reads them back."""
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from accelerate.utils import save_fsdp_optimizer
+        from transformers.trainer import SCHEDULER_NAME
+
+        save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         incomplete = incomplete_checkpoint_message(resume_from_checkpoint)
         if incomplete:
             raise ConfigError(incomplete)
         model = model or self.model
-        fsdp_written = os.path.isfile(os.path.join(resume_from_checkpoint, "pytorch_model_fsdp.bin"))
-        if fsdp_written and not self.is_fsdp_enabled and hasattr(model, "load_adapter"):
-            # an FSDP checkpoint resumed without FSDP: the Trainer refuses it for its pytorch_model_fsdp.bin, but
-            # it holds the whole adapter as adapter_model.safetensors too (FULL_STATE_DICT), as any checkpoint
-            model.load_adapter(resume_from_checkpoint, model.active_adapter, is_trainable=True)
-        else:
+        if self.is_fsdp_enabled:
+            load_sharded_adapter(self.accelerator.unwrap_model(model), resume_from_checkpoint)
+        else:  # one process or DDP: the Trainer loads adapter_model.safetensors, whichever launch wrote it
             super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.load_dft_state(resume_from_checkpoint)
 

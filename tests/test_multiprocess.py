@@ -323,6 +323,10 @@ def test_fsdp_shards_the_4bit_base_and_resumes_on_two_processes(runs):
         assert sharding["base_weights"] == sharding["sharded_base_weights"] == 14
         # compute dtype "auto": float32 on CPU, bfloat16 on GPUs of compute capability >= 8
         assert sharding["storage_dtype"] == ("torch.bfloat16" if ON_CUDA else "torch.float32")
+    # weights only as safetensors: the adapter once, no pickle of it (accelerate's pytorch_model_fsdp.bin);
+    # the optimizer's moments and the scheduler are torch.save'd, as in every Trainer checkpoint
+    files = sorted(p.name for p in (workdir / "two" / "checkpoint-3").iterdir())
+    assert "adapter_model.safetensors" in files and not [f for f in files if f.endswith(".bin") and f != "optimizer.bin"]
     assert sorted(_steps(workdir / "resumed_on_two")) == [1, 2, 3, 4]
     _assert_same_run(workdir / "resumed_on_two", workdir / "one", range(1, 5), "fsdp_qlora")
 
