@@ -45,11 +45,9 @@ def resolve_engine(engine: str) -> str:
 def vllm_dtype(model_config) -> str:
     """The dtype vLLM loads the base in, from dftlite's `precision`: 4-bit and 8-bit bases sample from
     their compute dtype's weights (vLLM does not load bitsandbytes-quantized bases here)."""
-    from dftlite.models import compute_torch_dtype
+    from dftlite.models import weights_dtype
 
-    if model_config.precision in ("4bit", "8bit"):
-        return str(compute_torch_dtype(model_config.compute_dtype)).removeprefix("torch.")
-    return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[model_config.precision]
+    return str(weights_dtype(model_config)).removeprefix("torch.")
 
 
 def base_metadata(model_config):

@@ -213,12 +213,23 @@ def native_bf16() -> bool:
     return tuple(torch.cuda.get_device_capability()) >= BF16_MIN_CAPABILITY
 
 
+FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def compute_torch_dtype(name: str) -> torch.dtype:
     if name != "auto":
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+        return FLOAT_DTYPES[name]
     if torch.cuda.is_available():
         return torch.bfloat16 if native_bf16() else torch.float16
     return torch.float32
+
+
+def weights_dtype(config: ModelConfig) -> torch.dtype:
+    """The dtype of the base's floating-point weights: the compute dtype for 4/8-bit bases (their
+    unquantized layers, and what their quantized ones compute in), else `precision`'s."""
+    if config.precision in ("4bit", "8bit"):
+        return compute_torch_dtype(config.compute_dtype)
+    return FLOAT_DTYPES[config.precision]
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -242,8 +253,8 @@ def load_base_model(config: ModelConfig):
 
     path = resolve_model_path(config.model_name_or_path, config.cache_dir)
     tokenizer = load_tokenizer(path, config.trust_remote_code)
-    compute_dtype = compute_torch_dtype(config.compute_dtype)
-    kwargs = {"trust_remote_code": config.trust_remote_code}
+    compute_dtype = weights_dtype(config)
+    kwargs = {"trust_remote_code": config.trust_remote_code, "dtype": compute_dtype}
     if config.precision == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -254,12 +265,8 @@ def load_base_model(config: ModelConfig):
             # elements (same bytes, another dtype) so that FSDP2 shards them instead of replicating them
             bnb_4bit_quant_storage=compute_dtype if fsdp_launch() else torch.uint8,
         )
-        kwargs["dtype"] = compute_dtype
     elif config.precision == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        kwargs["dtype"] = compute_dtype
-    else:
-        kwargs["dtype"] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[config.precision]
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

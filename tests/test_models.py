@@ -160,3 +160,18 @@ def test_bf16_off_and_fp32_compute_without_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert models.native_bf16() is False
     assert models.compute_torch_dtype("auto") == torch.float32
+
+
+@pytest.mark.parametrize("precision, compute_dtype, expected", [
+    ("fp32", "auto", "float32"), ("bf16", "fp32", "bfloat16"), ("fp16", "auto", "float16"),
+    ("4bit", "auto", "float32"), ("4bit", "bf16", "bfloat16"), ("8bit", "fp16", "float16"),
+])
+def test_the_vllm_engine_loads_the_bases_weights_dtype(monkeypatch, precision, compute_dtype, expected):
+    """A float base in its precision, a quantized one in its compute dtype ("auto": fp32 without a GPU), in
+    both loaders: transformers' for training and vLLM's for sampling."""
+    from dftlite import models
+    from dftlite.engine_vllm import vllm_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = ModelConfig(precision=precision, compute_dtype=compute_dtype)
+    assert models.weights_dtype(config) == getattr(torch, expected) and vllm_dtype(config) == expected
