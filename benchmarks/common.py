@@ -25,11 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from transformers import TrainerCallback
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as `python benchmarks/x.py` from a checkout without installing
+
+import dftlite  # noqa: E402, F401  before transformers: it quiets bitsandbytes' Hub-kernel lookup at import
+import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
 GSM8K = REPO / "dftlite" / "resources" / "gsm8k" / "train.jsonl"
 MIB = 2**20
 _process_peak = 0  # bytes: the highest VmHWM seen before a reset_peak
@@ -318,6 +320,25 @@ class StepMeter(TrainerCallback):
         top = peak()
         self.steps.append({"step": state.global_step, "seconds": seconds, "cpu_seconds": cpu_seconds, "start_mib": self._base / MIB,
                            "peak_mib": top / MIB, "peak_extra_mib": (top - self._base) / MIB})
+
+
+def add_round_arguments(parser, rounds: int):
+    """The options of a side-by-side benchmark that alternates its sides in rounds: how many rounds are
+    measured and dropped, torch threads, and where the model and pool are kept."""
+    parser.add_argument("--rounds", type=int, default=rounds, help="measured rounds (one step per side each)")
+    parser.add_argument("--warmup_rounds", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--work_dir", default=str(REPO / "runs" / "benchmarks"))
+
+
+def print_result(run, args):
+    """`run(args)` with all it prints sent to stderr, so that stdout carries only its result, one JSON line."""
+    import contextlib
+    import json
+
+    with contextlib.redirect_stdout(sys.stderr):
+        result = run(args)
+    print(json.dumps(rounded(result)), flush=True)
 
 
 def median(values) -> float:

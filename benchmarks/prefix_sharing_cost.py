@@ -33,9 +33,7 @@ Tokens computed: the (rows × width) tokens the trunk runs, padding included, an
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -43,8 +41,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (MIB, REPO, benchmark_model, commit, gsm8k_data, machine, median, on_cuda, peak,  # noqa: E402
-                    reset_peak, rounded, set_threads)
+from common import (MIB, add_round_arguments, benchmark_model, commit, gsm8k_data, machine, median, on_cuda,  # noqa: E402
+                    peak, print_result, reset_peak, set_threads)
 
 from dftlite.data import encode_examples, load_data  # noqa: E402
 from dftlite.draws import Group, micro_batches, pad_groups  # noqa: E402
@@ -140,14 +138,8 @@ def main():
     parser.add_argument("--token_budget", type=int, default=4096, help="as the CPU recipe")
     parser.add_argument("--max_length", type=int, default=384, help="as the CPU recipe; the long prompt: 4096")
     parser.add_argument("--shapes", default="gsm8k,long_prompt", help="comma-separated subset of gsm8k,long_prompt")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--warmup_rounds", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    parser.add_argument("--work_dir", default=str(REPO / "runs" / "benchmarks"))
-    args = parser.parse_args()
-    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON line
-        result = run(args)
-    print(json.dumps(rounded(result)), flush=True)
+    add_round_arguments(parser, rounds=5)
+    print_result(run, parser.parse_args())
 
 
 def run(args) -> dict:

@@ -40,15 +40,13 @@ are if anything pessimistic for DFT2.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (REPO, StepMeter, commit, ensure_pool, gsm8k_data, machine, median, model_argument,  # noqa: E402
-                    model_description, model_tag, on_cuda, keep_4bit_trainable, repacked_4bit, rounded, set_threads,
-                    step_shape)
+from common import (StepMeter, add_round_arguments, commit, ensure_pool, gsm8k_data, keep_4bit_trainable,  # noqa: E402
+                    machine, median, model_argument, model_description, model_tag, on_cuda, print_result,
+                    repacked_4bit, set_threads, step_shape)
 
 from dftlite.data import load_data  # noqa: E402
 from dftlite.draws import load_split  # noqa: E402
@@ -99,14 +97,8 @@ def main():
     parser.add_argument("--negatives", type=int, default=2, help="B, negatives per prompt per step")
     parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--max_new_tokens", type=int, default=128, help="negatives' length cap in the pool")
-    parser.add_argument("--rounds", type=int, default=10, help="measured rounds (one step per side each)")
-    parser.add_argument("--warmup_rounds", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    parser.add_argument("--work_dir", default=str(REPO / "runs" / "benchmarks"))
-    args = parser.parse_args()
-    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON line
-        result = run(args)
-    print(json.dumps(rounded(result)), flush=True)
+    add_round_arguments(parser, rounds=10)
+    print_result(run, parser.parse_args())
 
 
 def run(args) -> dict:
