@@ -79,6 +79,11 @@ class DFTTrainer(Trainer):
             # cut by token_budget, their counts depend on each process's sequence lengths and differ
             raise ConfigError("FSDP needs token_budget: 0 (one forward per step on every process); to save memory "
                               "lower per_device_train_batch_size and raise gradient_accumulation_steps instead")
+        if self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type):
+            # the Trainer saves the adapter (adapter_model.safetensors) from a whole state dict only; sharded, no
+            # checkpoint or final adapter would hold the trained weights
+            raise ConfigError("FSDP needs fsdp_state_dict_type: FULL_STATE_DICT (as configs/accelerate/fsdp_qlora.yaml); "
+                              "with sharded state dicts no checkpoint would hold the adapter")
         if self.is_fsdp_enabled and args.method == "dpo":  # its reference pass calls the model's trunk, not the FSDP root
             raise ConfigError("method: dpo does not run under FSDP (its reference pass bypasses FSDP's all-gathers); use DDP")
         # DeepSpeed would divide by the accumulation steps a second time; transformers' own step passes the same
@@ -238,7 +243,8 @@ class DFTTrainer(Trainer):
         scorer: `sequence_logprobs` or `shared_prompt_logprobs`, inputs: its tensors after the model."""
         unwrapped = self.accelerator.unwrap_model(model)
         with self.accelerator.autocast():
-            if self.accelerator.num_processes == 1:  # under FSDP2 the wrapped model is the unwrapped one
+            # through the wrapper's forward under DDP and FSDP (its hooks gather the root's shards, even on 1 process)
+            if self.accelerator.num_processes == 1 and not self.is_fsdp_enabled:
                 return scorer(model, *inputs)
             with scoring_as_forward(unwrapped, scorer):
                 return model(*inputs)
@@ -384,7 +390,7 @@ class DFTTrainer(Trainer):
         incomplete = incomplete_checkpoint_message(resume_from_checkpoint)
         if incomplete:
             raise ConfigError(incomplete)
-        model = model or self.model
+        model = model if model is not None else self.model
         if self.is_fsdp_enabled:
             load_sharded_adapter(self.accelerator.unwrap_model(model), resume_from_checkpoint)
         else:  # one process or DDP: the Trainer loads adapter_model.safetensors, whichever launch wrote it
